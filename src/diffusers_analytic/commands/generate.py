@@ -1,0 +1,132 @@
+"""`diffusers-analytic generate`: a pipeline folder or Hub repo id -> one PNG per image, a grid and a manifest.
+
+Image i of a run is seeded from `(seed, i)` with its own generator (initial noise, scheduler noise and the
+denoiser's noise), and the run is cut into fixed batches of global indices `[0, B), [B, 2B), ...` that processes
+share out. So the files do not depend on the number of processes, and each index is written by exactly one process.
+Runs unchanged under `accelerate launch` or `torchrun` (see the README).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from diffusers.utils import logging
+from tqdm.auto import tqdm
+
+from .. import __version__
+
+logger = logging.get_logger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate images from a pipeline folder or Hub repo id",
+        description="Generate images; one PNG per image named by its zero-padded global index, plus grid.png.",
+    )
+    parser.add_argument("source", metavar="SRC", help="a local pipeline folder or a Hub repo id")
+    parser.add_argument("--num-images", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-inference-steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--scheduler", default=None, help="a diffusers scheduler class name or alias (ddim, euler, dpm++2m, unipc, ...)")
+    parser.add_argument("--karras", action="store_true", help="use Karras sigmas (schedulers that have them)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    parser.add_argument("--class-label", type=int, default=None, help="generate this class (denoisers fitted with labels)")
+    parser.add_argument("--skip-existing", action="store_true", help="do not regenerate images already on disk")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the process's accelerator or cpu)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the denoiser's statistics")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on NVIDIA GPUs (faster, ~1e-3 relative error)")
+    parser.add_argument("--revision", default=None, help="Hub revision of SRC")
+
+
+def image_path(output_dir: str, index: int) -> str:
+    return os.path.join(output_dir, f"{index:06d}.png")
+
+
+def _save_png(image, path: str) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    image.save(temporary, format="PNG")
+    os.replace(temporary, path)
+
+
+def run(args) -> None:
+    from accelerate import PartialState
+
+    from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
+    from ..schedulers import make_scheduler
+    from ..utils.seeding import generators_for_indices
+
+    if args.num_images < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
+        raise ValueError("--num-images, --batch-size and --num-inference-steps must be positive.")
+    use_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    state = PartialState(cpu=use_cpu)
+    device = torch.device(args.device) if args.device is not None else state.device
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    pipe = AnalyticDDIMPipeline.from_pretrained(args.source, revision=args.revision)
+    if args.scheduler is not None or args.karras:
+        pipe.scheduler = make_scheduler(args.scheduler or type(pipe.scheduler).__name__, pipe.scheduler.config, args.karras)
+    pipe.unet.to(device)
+    if args.dtype != "float32":
+        pipe.unet.to(_DTYPES[args.dtype])
+    pipe.set_progress_bar_config(disable=True)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    batches = [list(range(start, min(start + args.batch_size, args.num_images))) for start in range(0, args.num_images, args.batch_size)]
+    with state.split_between_processes(batches) as my_batches:
+        for indices in tqdm(my_batches, desc="Generating", unit="batch", disable=not state.is_main_process):
+            if args.skip_existing and all(os.path.exists(image_path(args.output_dir, i)) for i in indices):
+                continue
+            labels = None if args.class_label is None else [args.class_label] * len(indices)
+            images = pipe(
+                batch_size=len(indices),
+                generator=generators_for_indices(args.seed, indices),
+                num_inference_steps=args.num_inference_steps,
+                eta=args.eta,
+                class_labels=labels,
+                output_type="pil",
+            ).images
+            for index, image in zip(indices, images):
+                path = image_path(args.output_dir, index)
+                if not (args.skip_existing and os.path.exists(path)):
+                    _save_png(image, path)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _write_grid_and_manifest(args, pipe)
+        logger.info(f"Wrote {args.num_images} images to {args.output_dir}")
+
+
+def _write_grid_and_manifest(args, pipe) -> None:
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    shown = min(args.num_images, 64)
+    images = [Image.open(image_path(args.output_dir, i)).copy() for i in range(shown)]
+    cols = math.ceil(math.sqrt(shown))
+    rows = math.ceil(shown / cols)
+    images += [Image.new(images[0].mode, images[0].size)] * (rows * cols - shown)
+    _save_png(make_image_grid(images, rows=rows, cols=cols), os.path.join(args.output_dir, "grid.png"))
+    manifest = {
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "num_inference_steps": args.num_inference_steps,
+        "scheduler": type(pipe.scheduler).__name__,
+        "scheduler_config": dict(pipe.scheduler.config),
+        "eta": args.eta,
+        "class_label": args.class_label,
+        "source": args.source,
+        "denoiser": type(pipe.unet).__name__,
+        "diffusers_analytic_version": __version__,
+    }
+    temporary = os.path.join(args.output_dir, "manifest.json.tmp")
+    with open(temporary, "w") as f:
+        json.dump(manifest, f, indent=2, default=str)
+    os.replace(temporary, os.path.join(args.output_dir, "manifest.json"))

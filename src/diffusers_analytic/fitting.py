@@ -1,0 +1,113 @@
+"""Statistics of image data, streamed over batches: mean and unbiased covariance in float64, and its eigenbasis."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.utils import logging
+from tqdm.auto import tqdm
+
+from .data import ImageBatch, ImageSet, is_hf_dataset, iter_image_batches, to_model_space
+
+logger = logging.get_logger(__name__)
+
+
+class StreamingMoments:
+    r"""
+    Count, sum and sum of outer products of flattened images, accumulated in float64.
+
+    Memory is O(D^2) whatever the number of images. The sums are taken about a shift `K` (the first batch's mean),
+    which keeps the covariance accurate when the mean is large compared to the spread:
+
+        mean = K + s1 / n,    cov = (s2 - s1 s1^T / n) / (n - 1),    s1 = sum (y - K),  s2 = sum (y - K)(y - K)^T
+
+    The three sums add across shards (`merge`), so a distributed fit all-reduces `count`, `sum` and `outer`.
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu"):
+        self.dim = dim
+        self.count = 0
+        self.shift: torch.Tensor | None = None
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, batch: torch.Tensor) -> None:
+        """Adds a `[B, D]` batch (any float dtype; converted to float64)."""
+        batch = batch.reshape(len(batch), -1).to(self.sum.device, torch.float64)
+        if batch.shape[1] != self.dim:
+            raise ValueError(f"Expected images with {self.dim} values each, got {batch.shape[1]}.")
+        if self.shift is None:
+            self.shift = batch.mean(0)
+        centred = batch - self.shift
+        self.count += len(batch)
+        self.sum += centred.sum(0)
+        self.outer.addmm_(centred.T, centred)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.shift + self.sum / self.count
+
+    def covariance(self) -> torch.Tensor:
+        """The unbiased (n - 1) covariance, float64 `[D, D]`."""
+        if self.count < 2:
+            raise ValueError(f"The covariance needs at least 2 images, got {self.count}.")
+        centred_sum = self.sum[:, None]
+        cov = (self.outer - centred_sum @ centred_sum.T / self.count) / (self.count - 1)
+        return 0.5 * (cov + cov.T)
+
+
+def eigen_decomposition(cov: torch.Tensor, rank: int | None = None):
+    """
+    `cov = U diag(lam) U^T` by `torch.linalg.eigh` (float64), eigenvalues clamped at 0, sorted descending.
+
+    With `rank = r`, the top r pairs are kept and the discarded eigenvalues are summarised by their mean `floor`
+    (the maximum-likelihood isotropic variance of probabilistic PCA); without, `floor = 0`.
+
+    Returns:
+        `(eigvecs [D, r], eigvals [r], floor)` in float64.
+    """
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    eigvals = eigvals.flip(0).clamp(min=0.0)
+    eigvecs = eigvecs.flip(1)
+    dim = len(eigvals)
+    if rank is None or rank >= dim:
+        return eigvecs, eigvals, 0.0
+    floor = float(eigvals[rank:].mean())
+    return eigvecs[:, :rank].contiguous(), eigvals[:rank].contiguous(), floor
+
+
+def fit_moments(
+    data,
+    batch_size: int = 256,
+    show_progress: bool = True,
+    desc: str = "Fitting moments",
+    on_batch=None,
+    **data_kwargs,
+) -> tuple[StreamingMoments, tuple[int, int, int]]:
+    """
+    Streams `data` (anything [`iter_image_batches`] accepts) into [`StreamingMoments`].
+
+    Args:
+        on_batch (`callable`, *optional*): called with every [`ImageBatch`] too, for fits that keep the images.
+
+    Returns:
+        `(moments, (C, H, W))`.
+    """
+    moments = None
+    shape = None
+    sized = isinstance(data, (torch.Tensor, ImageSet)) or (is_hf_dataset(data) and hasattr(data, "__len__"))
+    total = len(data) if sized else None
+    progress = tqdm(total=total, desc=desc, unit="img", disable=not show_progress)
+    batch: ImageBatch
+    for batch in iter_image_batches(data, batch_size=batch_size, **data_kwargs):
+        if shape is None:
+            shape = tuple(batch.images.shape[1:])
+            moments = StreamingMoments(shape[0] * shape[1] * shape[2])
+        elif tuple(batch.images.shape[1:]) != shape:
+            raise ValueError(f"All images must have the same shape; got {shape} and {tuple(batch.images.shape[1:])}.")
+        moments.update(to_model_space(batch.images, torch.float64))
+        if on_batch is not None:
+            on_batch(batch)
+        progress.update(len(batch.images))
+    progress.close()
+    logger.info(f"Accumulated moments of {moments.count} images of shape {shape}.")
+    return moments, shape

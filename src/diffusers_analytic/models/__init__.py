@@ -1,0 +1,4 @@
+from .denoiser_wiener import WienerDenoiser
+from .modeling_analytic import AnalyticDenoiserMixin, AnalyticDenoiserOutput
+
+__all__ = ["AnalyticDenoiserMixin", "AnalyticDenoiserOutput", "WienerDenoiser"]

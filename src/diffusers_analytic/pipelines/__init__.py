@@ -1,0 +1,3 @@
+from .pipeline_analytic_ddim import AnalyticDDIMPipeline, AnalyticPipelineOutput
+
+__all__ = ["AnalyticDDIMPipeline", "AnalyticPipelineOutput"]

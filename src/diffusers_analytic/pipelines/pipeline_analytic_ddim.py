@@ -1,0 +1,261 @@
+"""AnalyticDDIMPipeline: an analytic denoiser in the place of a UNet, with any diffusers scheduler."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+
+logger = logging.get_logger(__name__)
+
+# Relative tolerance when comparing the scheduler's alphas_cumprod with the denoiser's: both are built by diffusers
+# from the same config, so they agree to float32 rounding; Euler-type schedulers with zero terminal SNR replace the
+# last entry 0 by 2**-24, which the absolute tolerance admits.
+_SCHEDULE_RTOL, _SCHEDULE_ATOL = 1e-5, 1e-6
+
+
+@dataclass
+class AnalyticPipelineOutput(BaseOutput):
+    """
+    Output of [`AnalyticDDIMPipeline`].
+
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
+            The generated images: PIL images, a `[B, H, W, C]` array or a `[B, C, H, W]` tensor in `[0, 1]`, or with
+            `output_type="latent"` the raw final sample in model space (no clamp).
+        trajectory_xt (`list[torch.Tensor]`, *optional*):
+            With `return_intermediates=True`: the sample x_t fed to the denoiser at each step, `[B, C, H, W]` each
+            (on the CPU).
+        trajectory_x0 (`list[torch.Tensor]`, *optional*):
+            With `return_intermediates=True`: the denoiser's x0_hat at each step.
+        timesteps (`list`, *optional*):
+            With `return_intermediates=True`: the scheduler's timestep at each step.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    trajectory_xt: list[torch.Tensor] | None = None
+    trajectory_x0: list[torch.Tensor] | None = None
+    timesteps: list | None = None
+
+
+def schedule_mismatch(denoiser, scheduler) -> str | None:
+    """A sentence describing how `scheduler`'s noise schedule differs from `denoiser`'s, or None if they match."""
+    scheduler_alphas = getattr(scheduler, "alphas_cumprod", None)
+    if scheduler_alphas is None:
+        return (
+            f"{type(scheduler).__name__} has no `alphas_cumprod` (it is not a DDPM-type scheduler), so its noise "
+            "schedule cannot be matched with the denoiser's."
+        )
+    ours = denoiser.alphas_cumprod
+    theirs = torch.as_tensor(scheduler_alphas).detach().to("cpu", torch.float64)
+    if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=_SCHEDULE_RTOL, atol=_SCHEDULE_ATOL):
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "rescale_betas_zero_snr")
+        describe = lambda config: ", ".join(f"{k}={config.get(k)}" for k in keys)  # noqa: E731
+        has_trained = lambda config: " (with trained_betas)" if config.get("trained_betas") is not None else ""  # noqa: E731
+        return (
+            f"The scheduler's noise schedule ({describe(scheduler.config)}{has_trained(scheduler.config)}) differs "
+            f"from the denoiser's ({describe(denoiser.config)}{has_trained(denoiser.config)}). Build the scheduler "
+            "from the denoiser's schedule, e.g. `DDIMScheduler(**{k: denoiser.config[k] for k in (...)})`."
+        )
+    return None
+
+
+def scheduler_from_denoiser(denoiser, scheduler_class=DDIMScheduler, **kwargs):
+    """A scheduler of `scheduler_class` with the denoiser's training schedule and prediction type."""
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+    config = {k: denoiser.config[k] for k in keys}
+    config["prediction_type"] = denoiser.config.prediction_type
+    accepted = inspect.signature(scheduler_class.__init__).parameters
+    config = {k: v for k, v in config.items() if k in accepted}
+    return scheduler_class(**{**config, **kwargs})
+
+
+class AnalyticDDIMPipeline(DiffusionPipeline):
+    r"""
+    Unconditional (or class-conditional) image generation with an analytic denoiser.
+
+    The denoiser sits where a trained UNet would (`unet`), so the sampling loop is diffusers' own: any scheduler
+    with the same training noise schedule works (`init_noise_sigma`, `scale_model_input`, `step`).
+
+    Args:
+        unet ([`AnalyticDenoiserMixin`] model):
+            An analytic denoiser, e.g. [`WienerDenoiser`].
+        scheduler ([`SchedulerMixin`], *optional*):
+            Defaults to a [`DDIMScheduler`] with the denoiser's schedule. Its `alphas_cumprod` must equal the
+            denoiser's, else a ValueError naming both.
+    """
+
+    model_cpu_offload_seq = "unet"
+    _optional_components = ["scheduler"]
+
+    def __init__(self, unet, scheduler=None):
+        super().__init__()
+        if scheduler is None:
+            scheduler = scheduler_from_denoiser(unet)
+        problem = schedule_mismatch(unet, scheduler)
+        if problem is not None:
+            raise ValueError(problem)
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""
+        Loads a pipeline saved with `save_pretrained` from a local folder or a Hub repo id (downloads are cached; with
+        `HF_HUB_OFFLINE=1` or `local_files_only=True` only the cache is read). Accepts diffusers' usual keywords
+        (`revision`, `cache_dir`, `token`, `local_files_only`, `torch_dtype`, ...).
+
+        The generic `DiffusionPipeline.from_pretrained` cannot resolve this class; use this one.
+        """
+        _import_component_modules(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def _prepare_extra_step_kwargs(self, generator, eta):
+        # Not every scheduler takes `eta` (DDIM only) or `generator` (stochastic ones do).
+        parameters = set(inspect.signature(self.scheduler.step).parameters)
+        extra = {}
+        if "eta" in parameters:
+            extra["eta"] = eta
+        if "generator" in parameters:
+            extra["generator"] = generator
+        return extra
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 50,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_intermediates: bool = False,
+        class_labels: torch.Tensor | list[int] | int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> AnalyticPipelineOutput | tuple:
+        r"""
+        Generates images.
+
+        Args:
+            batch_size (`int`, defaults to 1): number of images.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Makes generation deterministic. A list gives every image its own generator (initial noise, scheduler
+                noise and the denoiser's noise), so image k does not depend on the batch it is generated in.
+            num_inference_steps (`int`, defaults to 50): denoising steps.
+            eta (`float`, defaults to 0.0): DDIM's eta (0 deterministic, 1 DDPM-like); ignored by schedulers without it.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (`[B, H, W, C]` in [0, 1]), `"pt"`
+                (`[B, C, H, W]` in [0, 1]) or `"latent"` (the raw final sample in model space, no clamp).
+            return_dict (`bool`, defaults to `True`): return an [`AnalyticPipelineOutput`] instead of a tuple.
+            return_intermediates (`bool`, defaults to `False`): also return x_t, x0_hat and t at every step.
+            class_labels (`int`, `list[int]` or `torch.Tensor`, *optional*): one label per image (or one for all),
+                for denoisers fitted with labels.
+            callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, i, t, callback_kwargs)` after
+                every step, with the tensors named in `callback_on_step_end_tensor_inputs` (default `["latents"]`);
+                the dict it returns may replace `latents`.
+
+        Examples:
+
+        ```py
+        >>> import diffusers_analytic as da
+        >>> images = da.load_builtin("digits").images
+        >>> denoiser = da.WienerDenoiser.from_dataset(images, show_progress=False)
+        >>> pipe = da.AnalyticDDIMPipeline(unet=denoiser)
+        >>> out = pipe(batch_size=4, num_inference_steps=20, generator=torch.Generator().manual_seed(0))
+        >>> out.images[0].size
+        (8, 8)
+        ```
+
+        Returns:
+            [`AnalyticPipelineOutput`] or `tuple`: the images first, then (with `return_intermediates`) the
+            trajectories and timesteps.
+        """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} images.")
+        problem = schedule_mismatch(self.unet, self.scheduler)  # the scheduler may have been swapped since __init__
+        if problem is not None:
+            raise ValueError(problem)
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+
+        # 1. Initial noise x_T, one draw per generator.
+        shape = (batch_size, *self.unet.sample_shape)
+        device = self._execution_device
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = latents * self.scheduler.init_noise_sigma
+
+        # 2. The scheduler's timesteps.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        extra_step_kwargs = self._prepare_extra_step_kwargs(generator, eta)
+        trajectory_xt, trajectory_x0, timesteps = [], [], []
+
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            # 3. The denoiser's prediction (epsilon, v or x0, as the config says) on the scaled input.
+            model_input = self.scheduler.scale_model_input(latents, t)
+            output = self.unet(model_input, t, class_labels=class_labels, generator=generator)
+            if return_intermediates:
+                trajectory_xt.append(model_input.cpu())
+                trajectory_x0.append(output.pred_original_sample.cpu())
+                timesteps.append(t.item() if isinstance(t, torch.Tensor) else t)
+
+            # 4. x_t -> x_{t-1}
+            latents = self.scheduler.step(output.sample, t, latents, **extra_step_kwargs).prev_sample
+
+            if callback_on_step_end is not None:
+                callback_kwargs = {name: locals()[name] for name in tensor_inputs}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                latents = callback_outputs.pop("latents", latents)
+
+        images = self._postprocess(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            if return_intermediates:
+                return images, trajectory_xt, trajectory_x0, timesteps
+            return (images,)
+        if not return_intermediates:
+            return AnalyticPipelineOutput(images=images)
+        return AnalyticPipelineOutput(
+            images=images, trajectory_xt=trajectory_xt, trajectory_x0=trajectory_x0, timesteps=timesteps
+        )
+
+    def _postprocess(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        images = (latents / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+        if output_type == "np":
+            return images
+        return self.numpy_to_pil(images)
+
+
+def _import_component_modules(pretrained_model_name_or_path, kwargs) -> None:
+    """
+    diffusers resolves a component saved under a module path only if that module is imported. Import the modules of
+    this package named in a local folder's `model_index.json` (other modules are left to the caller).
+    """
+    index_path = os.path.join(str(pretrained_model_name_or_path), "model_index.json")
+    if not os.path.isfile(index_path):
+        return
+    with open(index_path) as f:
+        index = json.load(f)
+    for value in index.values():
+        if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith("diffusers_analytic."):
+            try:
+                importlib.import_module(value[0])
+            except ImportError as error:
+                raise ValueError(
+                    f"{index_path} names the module {value[0]!r}, which this version of diffusers-analytic does not "
+                    "have; the folder was probably saved by another version."
+                ) from error

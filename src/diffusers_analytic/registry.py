@@ -1,0 +1,17 @@
+"""Method names -> denoiser classes, for the CLI and the Hub configs. A literal dict: nothing registers itself."""
+
+from __future__ import annotations
+
+from .models.denoiser_wiener import WienerDenoiser
+
+DENOISERS = {
+    "wiener": WienerDenoiser,
+}
+
+
+def get_denoiser_class(method: str):
+    """The denoiser class of a method name such as `"wiener"`; a ValueError lists the known names otherwise."""
+    try:
+        return DENOISERS[method]
+    except KeyError:
+        raise ValueError(f"Unknown method {method!r}; choose one of {sorted(DENOISERS)}.") from None
