@@ -20,7 +20,8 @@ class StreamingMoments:
 
         mean = K + s1 / n,    cov = (s2 - s1 s1^T / n) / (n - 1),    s1 = sum (y - K),  s2 = sum (y - K)(y - K)^T
 
-    The three sums add across shards (`merge`), so a distributed fit all-reduces `count`, `sum` and `outer`.
+    The three sums add across shards once they share one shift (`recentre`, `merge`), so a distributed fit
+    all-reduces `count`, `sum` and `outer` ([`~diffusers_analytic.distributed.all_reduce_moments`]).
     """
 
     def __init__(self, dim: int, device: torch.device | str = "cpu"):
@@ -41,6 +42,38 @@ class StreamingMoments:
         self.count += len(batch)
         self.sum += centred.sum(0)
         self.outer.addmm_(centred.T, centred)
+
+    def recentre(self, shift: torch.Tensor) -> None:
+        r"""
+        Re-expresses the sums about a new shift K' (exact algebra, float64): with d = K - K',
+
+            s1' = s1 + n d,    s2' = s2 + d s1^T + s1 d^T + n d d^T
+        """
+        shift = shift.to(self.sum.device, torch.float64)
+        if self.shift is None or self.count == 0:
+            self.shift = shift.clone()
+            return
+        delta = self.shift - shift  # d  [D]
+        self.outer += torch.outer(delta, self.sum) + torch.outer(self.sum, delta) + self.count * torch.outer(delta, delta)
+        self.sum += self.count * delta
+        self.shift = shift.clone()
+
+    def merge(self, other: StreamingMoments) -> None:
+        """Adds the moments of a disjoint set of images (re-centred to this object's shift)."""
+        if other.dim != self.dim:
+            raise ValueError(f"Cannot merge moments of {other.dim}-dimensional images into {self.dim}-dimensional ones.")
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.shift, self.count = other.shift.clone(), other.count
+            self.sum, self.outer = other.sum.clone(), other.outer.clone()
+            return
+        other_sum, other_outer, other_shift = other.sum, other.outer, other.shift
+        delta = other_shift - self.shift
+        self.outer += other_outer + torch.outer(delta, other_sum) + torch.outer(other_sum, delta)
+        self.outer += other.count * torch.outer(delta, delta)
+        self.sum += other_sum + other.count * delta
+        self.count += other.count
 
     @property
     def mean(self) -> torch.Tensor:
@@ -86,12 +119,22 @@ def fit_moments(
     """
     Streams `data` (anything [`iter_image_batches`] accepts) into [`StreamingMoments`].
 
+    A [`~diffusers_analytic.distributed.DataShard`] (from `shard_data`, under `accelerate launch` / `torchrun`) is
+    this process's part of the data: it is streamed, then the sums of all processes are all-reduced, so every process
+    returns the moments of the whole data set (equal to a single-process fit to float64 rounding).
+
     Args:
         on_batch (`callable`, *optional*): called with every [`ImageBatch`] too, for fits that keep the images.
 
     Returns:
         `(moments, (C, H, W))`.
     """
+    from .distributed import DataShard, all_reduce_moments
+
+    shard = data if isinstance(data, DataShard) else None
+    if shard is not None:
+        data = shard.data
+        show_progress = show_progress and shard.index == 0
     moments = None
     shape = None
     sized = isinstance(data, (torch.Tensor, ImageSet)) or (is_hf_dataset(data) and hasattr(data, "__len__"))
@@ -109,5 +152,7 @@ def fit_moments(
             on_batch(batch)
         progress.update(len(batch.images))
     progress.close()
+    if shard is not None and shard.communicator is not None:
+        moments = all_reduce_moments(moments, shard.communicator)
     logger.info(f"Accumulated moments of {moments.count} images of shape {shape}.")
     return moments, shape

@@ -1,4 +1,10 @@
-"""`diffusers-analytic fit`: data -> fitted denoiser -> a saved pipeline folder."""
+"""`diffusers-analytic fit`: data -> fitted denoiser -> a saved pipeline folder.
+
+Runs unchanged under `accelerate launch` / `torchrun`: for the methods whose statistics are sums over images
+(`SHARDED_FIT_METHODS`), each process streams its shard of the data and the float64 sums are all-reduced, so the
+result equals a single-process fit to float64 rounding; the data-holding methods store every image, so the main
+process fits them alone. The main process saves; the others wait until the folder exists.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,9 @@ from ..data import BUILTIN_DATASETS, load_image_dataset
 from ..registry import DENOISERS, get_denoiser_class
 
 logger = logging.get_logger(__name__)
+
+# Methods whose `from_dataset` only streams moments (`fit_moments`), so that it accepts a `DataShard`.
+SHARDED_FIT_METHODS = ("wiener",)
 
 
 def register(subparsers) -> None:
@@ -91,10 +100,19 @@ def save_atomically(pipeline, output_dir: str, overwrite: bool = False) -> None:
 
 
 def run(args) -> None:
+    import torch
+    from accelerate import PartialState
+
+    from ..distributed import shard_data
     from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
 
     denoiser_class = get_denoiser_class(args.method)
     config = parse_overrides(args.config)
+    if os.path.exists(args.output_dir) and not args.overwrite:
+        raise ValueError(f"{os.path.abspath(args.output_dir)} exists; pass --overwrite to replace it.")
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if not state.is_main_process:
+        logging.set_verbosity_warning()
     data_kwargs = {
         key: value
         for key, value in (
@@ -105,7 +123,18 @@ def run(args) -> None:
         )
         if value is not None
     }
-    data = load_data(args)
-    denoiser = denoiser_class.from_dataset(data, batch_size=args.batch_size, **data_kwargs, **config)
-    save_atomically(AnalyticDDIMPipeline(unet=denoiser), args.output_dir, overwrite=args.overwrite)
-    logger.info(f"Saved a {args.method} pipeline to {args.output_dir}")
+    distributed = state.num_processes > 1 and args.method in SHARDED_FIT_METHODS
+    if state.is_main_process or distributed:
+        data = load_data(args)
+        if distributed:
+            data = shard_data(data, state)
+            logger.info(f"Fitting {args.method} on {state.num_processes} processes, each on its shard of the data.")
+        elif state.num_processes > 1:
+            logger.info(f"{args.method} stores every image: the main process fits it alone.")
+        denoiser = denoiser_class.from_dataset(
+            data, batch_size=args.batch_size, show_progress=state.is_main_process, **data_kwargs, **config
+        )
+        if state.is_main_process:
+            save_atomically(AnalyticDDIMPipeline(unet=denoiser), args.output_dir, overwrite=args.overwrite)
+            logger.info(f"Saved a {args.method} pipeline to {args.output_dir}")
+    state.wait_for_everyone()

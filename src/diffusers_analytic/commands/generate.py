@@ -2,12 +2,19 @@
 
 Image i of a run is seeded from `(seed, i)` with its own generator (initial noise, scheduler noise and the
 denoiser's noise), and the run is cut into fixed batches of global indices `[0, B), [B, 2B), ...` that processes
-share out. So the files do not depend on the number of processes, and each index is written by exactly one process.
-Runs unchanged under `accelerate launch` or `torchrun` (see the README).
+share out. So the files do not depend on the number of processes or the batch size, and each index is written by
+exactly one process. Runs unchanged under `accelerate launch` or `torchrun` (see the README). `--skip-existing`
+resumes an interrupted run (PNGs are written to a temporary name and renamed, so a file on disk is complete); the
+manifest, written first, guards against resuming with settings that would change the pixels.
+
+With `--data-parallel`, a data-holding denoiser's stored images are split across the processes instead
+([`~diffusers_analytic.distributed.shard_for_data_parallel`]) and every process denoises every image; the main
+process writes the files. The pixels are the same as with one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -44,6 +51,12 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the denoiser's statistics")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on NVIDIA GPUs (faster, ~1e-3 relative error)")
     parser.add_argument("--revision", default=None, help="Hub revision of SRC")
+    parser.add_argument(
+        "--data-parallel",
+        action="store_true",
+        help="data-holding denoisers: each process keeps 1/n of the stored images and all processes denoise every "
+        "image together (exact; for data sets larger than one device). Without it, processes share out the images.",
+    )
 
 
 def image_path(output_dir: str, index: int) -> str:
@@ -59,6 +72,7 @@ def _save_png(image, path: str) -> None:
 def run(args) -> None:
     from accelerate import PartialState
 
+    from ..distributed import shard_for_data_parallel
     from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
     from ..schedulers import make_scheduler
     from ..utils.seeding import generators_for_indices
@@ -67,21 +81,38 @@ def run(args) -> None:
         raise ValueError("--num-images, --batch-size and --num-inference-steps must be positive.")
     use_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
     state = PartialState(cpu=use_cpu)
-    device = torch.device(args.device) if args.device is not None else state.device
+    # `--device cuda` means this process's GPU (cuda:<local rank>), which the launcher assigned to `state.device`.
+    device = state.device if args.device in (None, "cuda") else torch.device(args.device)
+    if not state.is_main_process:
+        logging.set_verbosity_warning()
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     pipe = AnalyticDDIMPipeline.from_pretrained(args.source, revision=args.revision)
     if args.scheduler is not None or args.karras:
         pipe.scheduler = make_scheduler(args.scheduler or type(pipe.scheduler).__name__, pipe.scheduler.config, args.karras)
+    if args.data_parallel:
+        # Every process holds 1/n of the stored images and denoises every batch with the others.
+        shard_for_data_parallel(pipe, state)
     pipe.unet.to(device)
     if args.dtype != "float32":
         pipe.unet.to(_DTYPES[args.dtype])
     pipe.set_progress_bar_config(disable=True)
-    os.makedirs(args.output_dir, exist_ok=True)
+    manifest = _manifest(args, pipe)
+    if args.skip_existing:
+        _check_resumable(args.output_dir, manifest)
+    state.wait_for_everyone()  # every process has read the old manifest before the main process replaces it
+    if state.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        _write_json(manifest, os.path.join(args.output_dir, "manifest.json"))
+    state.wait_for_everyone()
 
     batches = [list(range(start, min(start + args.batch_size, args.num_images))) for start in range(0, args.num_images, args.batch_size)]
-    with state.split_between_processes(batches) as my_batches:
+    # Generation-parallel: processes share out the batches. Data-parallel: all run all batches, the main one writes.
+    writes = state.is_main_process if args.data_parallel else True
+    sharing = contextlib.nullcontext(batches) if args.data_parallel else state.split_between_processes(batches)
+    with sharing as my_batches:
         for indices in tqdm(my_batches, desc="Generating", unit="batch", disable=not state.is_main_process):
             if args.skip_existing and all(os.path.exists(image_path(args.output_dir, i)) for i in indices):
                 continue
@@ -96,15 +127,60 @@ def run(args) -> None:
             ).images
             for index, image in zip(indices, images):
                 path = image_path(args.output_dir, index)
-                if not (args.skip_existing and os.path.exists(path)):
+                if writes and not (args.skip_existing and os.path.exists(path)):
                     _save_png(image, path)
     state.wait_for_everyone()
     if state.is_main_process:
-        _write_grid_and_manifest(args, pipe)
+        _write_grid(args)
         logger.info(f"Wrote {args.num_images} images to {args.output_dir}")
 
 
-def _write_grid_and_manifest(args, pipe) -> None:
+# What decides the pixels of image i (besides i): a resumed run must agree on all of it.
+_RESUME_KEYS = ("seed", "num_inference_steps", "scheduler", "scheduler_config", "eta", "class_label", "source", "revision", "denoiser", "dtype", "tf32")
+
+
+def _manifest(args, pipe) -> dict:
+    return {
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "num_inference_steps": args.num_inference_steps,
+        "scheduler": type(pipe.scheduler).__name__,
+        "scheduler_config": json.loads(json.dumps(dict(pipe.scheduler.config), default=str)),
+        "eta": args.eta,
+        "class_label": args.class_label,
+        "source": args.source,
+        "revision": args.revision,
+        "denoiser": type(pipe.unet).__name__,
+        "dtype": args.dtype,
+        "tf32": args.tf32,
+        "diffusers_analytic_version": __version__,
+    }
+
+
+def _check_resumable(output_dir: str, manifest: dict) -> None:
+    """With --skip-existing, the images on disk must come from the same settings, else a ValueError naming them."""
+    path = os.path.join(output_dir, "manifest.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    changed = [key for key in _RESUME_KEYS if key in previous and previous[key] != manifest[key]]
+    if changed:
+        details = ", ".join(f"{key}: {previous[key]!r} -> {manifest[key]!r}" for key in changed)
+        raise ValueError(
+            f"--skip-existing would mix images of two different runs in {output_dir} ({details}); use another "
+            "--output-dir or the same settings."
+        )
+
+
+def _write_json(data: dict, path: str) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(temporary, path)
+
+
+def _write_grid(args) -> None:
     from diffusers.utils import make_image_grid
     from PIL import Image
 
@@ -114,19 +190,3 @@ def _write_grid_and_manifest(args, pipe) -> None:
     rows = math.ceil(shown / cols)
     images += [Image.new(images[0].mode, images[0].size)] * (rows * cols - shown)
     _save_png(make_image_grid(images, rows=rows, cols=cols), os.path.join(args.output_dir, "grid.png"))
-    manifest = {
-        "num_images": args.num_images,
-        "seed": args.seed,
-        "num_inference_steps": args.num_inference_steps,
-        "scheduler": type(pipe.scheduler).__name__,
-        "scheduler_config": dict(pipe.scheduler.config),
-        "eta": args.eta,
-        "class_label": args.class_label,
-        "source": args.source,
-        "denoiser": type(pipe.unet).__name__,
-        "diffusers_analytic_version": __version__,
-    }
-    temporary = os.path.join(args.output_dir, "manifest.json.tmp")
-    with open(temporary, "w") as f:
-        json.dump(manifest, f, indent=2, default=str)
-    os.replace(temporary, os.path.join(args.output_dir, "manifest.json"))
