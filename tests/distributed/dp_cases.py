@@ -1,0 +1,64 @@
+"""Deterministic inputs shared by the torchrun worker and the single-process references of the tests."""
+
+from __future__ import annotations
+
+import torch
+from dp_toys import ToyOptimalDenoiser
+
+import diffusers_analytic as da
+
+NUM_IMAGES = 301  # odd: the two shards differ in size
+
+
+def digits_images() -> torch.Tensor:
+    return da.load_builtin("digits").images[:NUM_IMAGES]  # uint8 [N, 1, 8, 8]
+
+
+def digits_dataset():
+    """The first 500 digits as a `datasets.Dataset` of grey PIL images with labels."""
+    import datasets
+    from PIL import Image
+
+    digits = da.load_builtin("digits")
+    features = datasets.Features({"image": datasets.Image(mode="L"), "label": datasets.Value("int64")})
+    data = {
+        "image": [Image.fromarray(image[0].numpy()) for image in digits.images[:500]],
+        "label": digits.labels[:500].tolist(),
+    }
+    return datasets.Dataset.from_dict(data, features=features)
+
+
+def noisy_inputs(denoiser, images: torch.Tensor) -> list:
+    """`(x_t, t, kwargs)` triples: noised training images at several t (one shared t, then one t per sample), and
+    pure noise."""
+    generator = torch.Generator().manual_seed(1234)
+    clean = da.data.to_model_space(images[:: len(images) // 5][:5])  # [5, C, H, W]
+    inputs = []
+    for t in (900, 300, 50):
+        a = float(denoiser.alphas_cumprod[t])
+        noise = torch.randn(clean.shape, generator=generator)
+        inputs.append((a**0.5 * clean + (1 - a) ** 0.5 * noise, t, {}))
+    steps = torch.tensor([999, 700, 400, 120, 5])
+    a = denoiser.alphas_cumprod[steps].float().reshape(-1, 1, 1, 1)
+    inputs.append((a.sqrt() * clean + (1 - a).sqrt() * torch.randn(clean.shape, generator=generator), steps, {}))
+    return inputs
+
+
+def toy_optimal() -> ToyOptimalDenoiser:
+    images = digits_images()
+    denoiser = ToyOptimalDenoiser(sample_size=8, in_channels=1, num_images=len(images), chunk_size=37)
+    denoiser.images.copy_(images)
+    return denoiser
+
+
+def cases() -> list:
+    """`(name, fresh denoiser, inputs)` for every data-parallel case."""
+    out = []
+    toy = toy_optimal()
+    out.append(("toy_optimal", toy, noisy_inputs(toy, digits_images())))
+    return out
+
+
+def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((result.double() - reference.double()).norm() / reference.double().norm())
+

@@ -1,0 +1,77 @@
+"""Run by the multi-process tests under `torchrun --standalone --nproc_per_node 2` (gloo on CPU):
+
+    python worker.py OUT WIENER_DIR DP_PIPELINE_DIR
+
+Each process does everything the single-process references in `test_multiprocess.py` are compared with:
+DDIM generation through the CLI, a distributed `fit`, distributed moments over a `datasets.Dataset` shard, and
+data-parallel denoising with sharded stored images. Results go to files in OUT.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import dp_cases
+import torch
+from accelerate import PartialState
+
+import diffusers_analytic as da
+from diffusers_analytic.commands.cli import main
+from diffusers_analytic.distributed import (
+    ProcessGroupCommunicator,
+    all_reduce_nearest,
+    shard_data,
+    shard_for_data_parallel,
+)
+from diffusers_analytic.fitting import fit_moments
+
+
+def run(out: str, wiener_dir: str, dp_pipeline_dir: str) -> None:
+    state = PartialState(cpu=True)
+    rank = state.process_index
+    assert state.num_processes == 2, state.num_processes
+
+    # 1. generation: DDIM, 7 images in batches of 2, through the CLI
+    code = main(["generate", wiener_dir, "--num-images", "7", "--batch-size", "2", "--num-inference-steps", "4",
+                 "--output-dir", os.path.join(out, "ddim"), "--seed", "3"])
+    assert code == 0
+
+    # 2. distributed fit through the CLI (each process streams its shard; the main process saves)
+    code = main(["fit", "--method", "wiener", "--data", "digits", "--output-dir", os.path.join(out, "fit"),
+                 "--batch-size", "100"])
+    assert code == 0
+
+    # 3. moments of a datasets.Dataset, sharded with split_dataset_by_node
+    dataset = dp_cases.digits_dataset()
+    moments, _ = fit_moments(shard_data(dataset, state), batch_size=64, show_progress=False)
+    if rank == 0:
+        torch.save({"count": moments.count, "mean": moments.mean, "cov": moments.covariance()},
+                   os.path.join(out, "moments.pt"))
+
+    # 4. data-parallel exact denoising: every data-holding denoiser case, sharded over the 2 processes
+    results = {}
+    for name, denoiser, inputs in dp_cases.cases():
+        shard_for_data_parallel(denoiser, state)
+        results[name] = [denoiser.denoise(x_t, t, **kwargs) for x_t, t, kwargs in inputs]
+    torch.save(results, os.path.join(out, f"data_parallel_rank{rank}.pt"))
+
+    # 5. nearest pairs: ties broken by the smallest global index whichever process holds it
+    communicator = ProcessGroupCommunicator()
+    distances = torch.tensor([1.0, 2.0, 3.0]) if rank == 0 else torch.tensor([1.0, 1.5, 5.0])
+    indices = torch.tensor([7, 0, 1]) if rank == 0 else torch.tensor([4, 9, 8])
+    images = torch.full((3, 2), float(rank + 1))
+    best, winner, image = all_reduce_nearest(distances, indices, images, communicator)
+    assert best.tolist() == [1.0, 1.5, 3.0] and winner.tolist() == [4, 9, 1], (best, winner)
+    assert image[:, 0].tolist() == [2.0, 2.0, 1.0], image
+
+    # 6. data-parallel generation through the CLI
+    code = main(["generate", dp_pipeline_dir, "--num-images", "3", "--batch-size", "2",
+                 "--num-inference-steps", "3", "--output-dir", os.path.join(out, "dp-generate"), "--data-parallel"])
+    assert code == 0
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], sys.argv[2], sys.argv[3])
+    print("worker done", da.__version__)
