@@ -386,7 +386,13 @@ def shard_for_data_parallel(model, state: Any = None, index: int | None = None, 
     if num_images < num_shards:
         raise ValueError(f"Cannot shard {num_images} stored images over {num_shards} processes; use fewer processes.")
     start, stop = shard_bounds(num_images, index, num_shards)
-    # 1. keep rows [start, stop) of every per-image buffer (a copy, so the full tensors can be freed)
+    # 1. Fix what depends on all the images before slicing: the class labels one may ask for, and the data mean
+    #    the distances are centred on (shards must share it, else their logits differ by per-shard constants).
+    known_labels = denoiser._known_labels()
+    for value in list(vars(denoiser).values()):
+        if hasattr(value, "pin_mean"):
+            value.pin_mean(denoiser.images, int(denoiser.config.get("chunk_size", 1024)))
+    # 2. Keep rows [start, stop) of every per-image buffer (a copy, so the full tensors can be freed).
     for name in buffer_names:
         buffer = getattr(denoiser, name, None)
         if buffer is None:
@@ -394,9 +400,7 @@ def shard_for_data_parallel(model, state: Any = None, index: int | None = None, 
         if len(buffer) != num_images:
             raise ValueError(f"Buffer `{name}` has {len(buffer)} rows but there are {num_images} stored images.")
         setattr(denoiser, name, buffer[start:stop].clone())
-    # 2. derived caches (norms, indices by class, ...) are rebuilt from the shard
-    if hasattr(denoiser, "_reset_data_caches"):
-        denoiser._reset_data_caches()
+    denoiser._known_labels = lambda: known_labels
     denoiser._data_parallel_shard = DataParallelShard(index, num_shards, start, stop, num_images, communicator)
     denoiser.save_pretrained = _refuse_to_save
     logger.info(f"Process {index} of {num_shards} holds stored images [{start}, {stop}) of {num_images}.")

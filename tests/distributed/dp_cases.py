@@ -51,14 +51,39 @@ def toy_optimal() -> ToyOptimalDenoiser:
     return denoiser
 
 
+def labelled_digits() -> da.ImageSet:
+    """Two classes laid out so that class 1 (images 200..300) lives only in the second of two shards."""
+    images = digits_images()
+    return da.ImageSet(images, (torch.arange(len(images)) >= 200).long(), "digits-2-classes")
+
+
 def cases() -> list:
-    """`(name, fresh denoiser, inputs)` for every data-parallel case."""
-    out = []
+    """`(name, fresh denoiser, inputs)` for every data-parallel case; run each input with [`denoise`]."""
+    images = digits_images()
     toy = toy_optimal()
-    out.append(("toy_optimal", toy, noisy_inputs(toy, digits_images())))
-    return out
+    inputs = noisy_inputs(toy, images)
+    conditional = [(x_t, t, {"class_labels": [1, 1, 0, 1, 0]}) for x_t, t, _ in inputs[1:3]]
+    seeded = [(x_t, t, {"seed": 7}) for x_t, t, _ in inputs]
+    return [
+        ("toy_optimal", toy, inputs),
+        ("optimal", da.OptimalDenoiser.from_dataset(images, chunk_size=37, show_progress=False), inputs),
+        ("optimal_class", da.OptimalDenoiser.from_dataset(labelled_digits(), chunk_size=64, show_progress=False), conditional),
+        (
+            "scfdm",
+            da.SmoothedCFDMDenoiser.from_dataset(images, chunk_size=50, num_noise=3, smoothing_std=0.2, show_progress=False),
+            seeded,
+        ),
+        ("nearest", da.NearestDatasetDenoiser.from_dataset(images, chunk_size=40, show_progress=False), inputs),
+    ]
+
+
+def denoise(denoiser, x_t, t, options: dict) -> torch.Tensor:
+    """`denoiser.denoise` with `options`: `class_labels`, and `seed` for a fresh generator per sample."""
+    generator = None
+    if "seed" in options:
+        generator = [torch.Generator().manual_seed(options["seed"] + b) for b in range(len(x_t))]
+    return denoiser.denoise(x_t, t, generator=generator, class_labels=options.get("class_labels"))
 
 
 def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
     return float((result.double() - reference.double()).norm() / reference.double().norm())
-

@@ -53,7 +53,7 @@ def run(out: str, wiener_dir: str, dp_pipeline_dir: str) -> None:
     results = {}
     for name, denoiser, inputs in dp_cases.cases():
         shard_for_data_parallel(denoiser, state)
-        results[name] = [denoiser.denoise(x_t, t, **kwargs) for x_t, t, kwargs in inputs]
+        results[name] = [dp_cases.denoise(denoiser, *case) for case in inputs]
     torch.save(results, os.path.join(out, f"data_parallel_rank{rank}.pt"))
 
     # 5. nearest pairs: ties broken by the smallest global index whichever process holds it

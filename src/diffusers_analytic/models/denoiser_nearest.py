@@ -9,6 +9,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging
 
 from ..data import to_model_space
+from ..distributed import reduce_nearest_over_shards
 from .functional import StoredImageStats, collect_images, image_storage, nearest_indices
 from .modeling_analytic import AnalyticDenoiserMixin
 
@@ -41,6 +42,8 @@ class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             The training noise schedule, as in diffusers' `DDIMScheduler`; the defaults equal `DDIMScheduler()`'s.
         prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"`, `"v_prediction"` or `"sample"`.
     """
+
+    _data_parallel_buffers = ("images", "labels")  # per-image buffers, sharded by `shard_for_data_parallel`
 
     @register_to_config
     def __init__(
@@ -95,9 +98,10 @@ class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         # Notation: alpha_prod_t -> a, images -> y_1 .. y_N.
         stats = self._stats.get(self.images, self.config.chunk_size)
         # 1. i* = argmin_i ||x_t - sqrt(a) y_i||^2, streamed (restricted to each sample's class when asked).
-        nearest = nearest_indices(
+        nearest, scores = nearest_indices(
             x_t.reshape(len(x_t), -1), alpha_prod_t, self.images, stats, self.config.chunk_size,
-            labels=self.labels, class_labels=class_labels,
-        )  # [B]
-        # 2. x0_hat = y_{i*}, converted from the stored dtype.
-        return to_model_space(self.images[nearest], torch.float32)
+            labels=self.labels, class_labels=class_labels, return_scores=True,
+        )  # [B], [B]
+        # 2. x0_hat = y_{i*}, converted from the stored dtype (a data-parallel shard takes the winner over all shards).
+        x0_hat = to_model_space(self.images[nearest], torch.float32)
+        return reduce_nearest_over_shards(self, scores, nearest, x0_hat)[2]

@@ -8,6 +8,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging
 
+from ..distributed import reduce_softmax_over_shards
 from .functional import StoredImageStats, collect_images, image_storage, posterior_mean
 from .knn import INDEX_TYPES, NeighborIndex
 from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive
@@ -57,6 +58,8 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         prediction_type (`str`, defaults to `"epsilon"`): what `forward` returns: `"epsilon"`, `"v_prediction"` or
             `"sample"` (x0).
     """
+
+    _data_parallel_buffers = ("images", "labels")  # per-image buffers, sharded by `shard_for_data_parallel`
 
     @register_to_config
     def __init__(
@@ -140,6 +143,7 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             x0_hat = posterior_mean(
                 x_flat, alpha_prod_t, beta_prod_t, self.images, stats, config.chunk_size, config.temperature,
                 labels=self.labels, class_labels=class_labels,
+                reduce_softmax=lambda state: reduce_softmax_over_shards(self, state),
             )
             return x0_hat.reshape(x_t.shape)
 

@@ -11,6 +11,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..distributed import reduce_softmax_over_shards
 from .functional import StoredImageStats, collect_images, image_storage, posterior_mean
 from .knn import INDEX_TYPES, NeighborIndex
 from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive
@@ -50,6 +51,8 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             The training noise schedule, as in diffusers' `DDIMScheduler`; the defaults equal `DDIMScheduler()`'s.
         prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"`, `"v_prediction"` or `"sample"`.
     """
+
+    _data_parallel_buffers = ("images", "labels")  # per-image buffers, sharded by `shard_for_data_parallel`
 
     @register_to_config
     def __init__(
@@ -124,6 +127,7 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             return posterior_mean(
                 x_flat, alpha_prod_t, beta_prod_t, self.images, stats, config.chunk_size, config.temperature,
                 labels=self.labels, class_labels=class_labels,
+                reduce_softmax=lambda state: reduce_softmax_over_shards(self, state),
             )
         mean = stats[0]
         sqrt_a = alpha_prod_t.double().sqrt().clamp(min=1e-30).float()[:, None]

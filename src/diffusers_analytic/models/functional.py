@@ -166,19 +166,29 @@ class StoredImageStats:
         self._key = None
         self.mean: torch.Tensor | None = None  # mu             [D]
         self.sq_norms: torch.Tensor | None = None  # ||y'_i||^2  [N]
+        self.pinned_mean: torch.Tensor | None = None  # float64 mu of the full data set (data-parallel shards)
+        self._mean64: torch.Tensor | None = None
+
+    def pin_mean(self, images: torch.Tensor, chunk_size: int) -> None:
+        """Keeps the mean of `images` (all of them) for later calls on a shard of them (`distributed.py`)."""
+        self.get(images, chunk_size)
+        self.pinned_mean, self._key = self._mean64.cpu(), None
 
     def get(self, images: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`(mean [D], sq_norms [N])` of `images` `[N, C, H, W]`, computed at first use after a change."""
         key = (images.data_ptr(), images.device, images.dtype, tuple(images.shape), images._version)
         if key != self._key:
-            total = torch.zeros(images[0].numel(), dtype=torch.float64, device=images.device)
-            for _, chunk in image_chunks(images, chunk_size):
-                total += chunk.sum(dim=0, dtype=torch.float64)
-            mean64 = total / len(images)  # [D]
+            if self.pinned_mean is not None:
+                mean64 = self.pinned_mean.to(images.device)
+            else:
+                total = torch.zeros(images[0].numel(), dtype=torch.float64, device=images.device)
+                for _, chunk in image_chunks(images, chunk_size):
+                    total += chunk.sum(dim=0, dtype=torch.float64)
+                mean64 = total / len(images)  # [D]
             sq_norms = torch.empty(len(images), dtype=torch.float32, device=images.device)
             for start, chunk in image_chunks(images, chunk_size):
                 sq_norms[start : start + len(chunk)] = (chunk.double() - mean64).square().sum(dim=1).float()
-            self.mean, self.sq_norms, self._key = mean64.float(), sq_norms, key
+            self.mean, self.sq_norms, self._key, self._mean64 = mean64.float(), sq_norms, key, mean64
         return self.mean, self.sq_norms
 
 
@@ -230,6 +240,7 @@ def posterior_mean(
     labels: torch.Tensor | None = None,
     class_labels: torch.Tensor | None = None,
     indices: torch.Tensor | None = None,
+    reduce_softmax: Callable[[OnlineSoftmax], OnlineSoftmax] | None = None,
 ) -> torch.Tensor:
     r"""
     The posterior mean under the empirical distribution of `images` (DESIGN.md section 2, "Optimal"):
@@ -249,6 +260,8 @@ def posterior_mean(
         labels, class_labels (`torch.Tensor`, *optional*): stored labels `[N]` and one label per sample `[B]`:
             sample b's posterior is restricted to the images of its class (other logits are -inf).
         indices (`torch.Tensor`, *optional*): restrict the sum to these images (e.g. the top-k neighbours).
+        reduce_softmax (`callable`, *optional*): applied to the online-softmax state before its result; a
+            data-parallel shard all-reduces it there (`distributed.reduce_softmax_over_shards`).
 
     Returns:
         `torch.Tensor`: x0_hat, float32 `[B, D]`.
@@ -274,6 +287,8 @@ def posterior_mean(
             logits.masked_fill_(other_class, float("-inf"))
         # 3. Online softmax: running max, running sum, running sum_i w_i y'_i.
         softmax.update(logits, lambda weights, chunk=chunk: weights @ chunk)
+    if reduce_softmax is not None:
+        softmax = reduce_softmax(softmax)
     # 4. x0_hat = sum_i w_i y'_i + mu (the weights sum to 1).
     return softmax.result() + mean
 
@@ -286,11 +301,13 @@ def nearest_indices(
     chunk_size: int,
     labels: torch.Tensor | None = None,
     class_labels: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_scores: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """
     `argmin_i ||x_t - sqrt(a) y_i||^2` for each row of `x_t` float32 `[B, D]`, exact, streamed over chunks (the
     score a ||y'_i||^2 - 2 sqrt(a) x'.y'_i differs from the squared distance by a per-row constant). With
-    `labels` / `class_labels`, only images of each sample's class compete. Returns int64 `[B]` (ties: lowest index).
+    `labels` / `class_labels`, only images of each sample's class compete. Returns int64 `[B]` (ties: lowest index),
+    and with `return_scores` also the winning scores `[B]` (squared distance less ||x_t - sqrt(a) mu||^2).
     """
     mean, sq_norms = stats
     a = alpha_prod.double()
@@ -310,4 +327,6 @@ def nearest_indices(
         better = chunk_score < best_score
         best_score = torch.where(better, chunk_score, best_score)
         best_index = torch.where(better, chunk_index + start, best_index)
+    if return_scores:
+        return best_index, best_score
     return best_index
