@@ -29,10 +29,6 @@ def accelerate_launch(args: list[str], num_processes: int = 2) -> list[str]:
     ]
 
 
-def torchrun(args: list[str], num_processes: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes), *args]
-
-
 def run_launched(command: list[str], cwd: str, timeout: float = 240) -> subprocess.CompletedProcess:
     result = subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
@@ -46,5 +42,18 @@ def wiener_dir(tmp_path_factory) -> str:
 
     path = str(tmp_path_factory.mktemp("pipelines") / "wiener-digits")
     denoiser = da.WienerDenoiser.from_dataset(da.load_builtin("digits"), show_progress=False)
+    da.AnalyticDDIMPipeline(unet=denoiser).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def optimal_dir(tmp_path_factory) -> str:
+    """An exact optimal pipeline over 301 digits (uint8), saved as a folder."""
+    import dp_cases
+
+    import diffusers_analytic as da
+
+    path = str(tmp_path_factory.mktemp("pipelines") / "optimal-digits")
+    denoiser = da.OptimalDenoiser.from_dataset(dp_cases.digits_images(), chunk_size=64, show_progress=False)
     da.AnalyticDDIMPipeline(unet=denoiser).save_pretrained(path)
     return path

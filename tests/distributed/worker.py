@@ -1,9 +1,12 @@
-"""Run by the multi-process tests under `torchrun --standalone --nproc_per_node 2` (gloo on CPU):
+"""Run by the multi-process tests as 2 processes (gloo on CPU), with the launch form that works on CPU and GPU machines:
 
-    python worker.py OUT WIENER_DIR DP_PIPELINE_DIR
+    python -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        --dynamo_backend no --main_process_port 0 worker.py OUT WIENER_DIR DP_PIPELINE_DIR
+
+(`torchrun --standalone --nproc_per_node 2 worker.py ...` works too.)
 
 Each process does everything the single-process references in `test_multiprocess.py` are compared with:
-DDIM generation through the CLI, a distributed `fit`, distributed moments over a `datasets.Dataset` shard, and
+DDIM and DDPM generation through the CLI, a distributed `fit`, distributed moments over a `datasets.Dataset` shard, and
 data-parallel denoising with sharded stored images. Results go to files in OUT.
 """
 
@@ -32,10 +35,11 @@ def run(out: str, wiener_dir: str, dp_pipeline_dir: str) -> None:
     rank = state.process_index
     assert state.num_processes == 2, state.num_processes
 
-    # 1. generation: DDIM, 7 images in batches of 2, through the CLI
-    code = main(["generate", wiener_dir, "--num-images", "7", "--batch-size", "2", "--num-inference-steps", "4",
-                 "--output-dir", os.path.join(out, "ddim"), "--seed", "3"])
-    assert code == 0
+    # 1. generation through the CLI: 7 images in batches of 2, DDIM and the stochastic DDPM
+    for scheduler in ("ddim", "ddpm"):
+        code = main(["generate", wiener_dir, "--num-images", "7", "--batch-size", "2", "--num-inference-steps", "4",
+                     "--output-dir", os.path.join(out, scheduler), "--seed", "3", "--scheduler", scheduler])
+        assert code == 0
 
     # 2. distributed fit through the CLI (each process streams its shard; the main process saves)
     code = main(["fit", "--method", "wiener", "--data", "digits", "--output-dir", os.path.join(out, "fit"),
