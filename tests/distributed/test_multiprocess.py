@@ -33,11 +33,7 @@ def generate_single(source: str, output_dir: str, *extra: str) -> None:
 def worker_out(tmp_path_factory, wiener_dir, optimal_dir) -> str:
     out = str(tmp_path_factory.mktemp("worker"))
     result = run_launched(accelerate_launch([os.path.join(HERE, "worker.py"), out, wiener_dir, optimal_dir]), cwd=out)
-    assert result.stdout.count("worker done") == 2
-    # the work really was shared: a sharded fit, and each process held half of the stored images
-    assert "Fitting wiener on 2 processes" in result.stderr
-    assert "Process 0 of 2 holds stored images [0, 151) of 301" in result.stderr
-    assert "Process 1 of 2 holds stored images [151, 301) of 301" in result.stderr
+    assert result.stdout.count("worker done") == 2  # the worker checks that the work really was shared
     return out
 
 

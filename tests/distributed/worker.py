@@ -20,6 +20,7 @@ import torch
 from accelerate import PartialState
 
 import diffusers_analytic as da
+from diffusers_analytic import distributed
 from diffusers_analytic.commands.cli import main
 from diffusers_analytic.distributed import (
     ProcessGroupCommunicator,
@@ -41,10 +42,17 @@ def run(out: str, wiener_dir: str, dp_pipeline_dir: str) -> None:
                      "--output-dir", os.path.join(out, scheduler), "--seed", "3", "--scheduler", scheduler])
         assert code == 0
 
-    # 2. distributed fit through the CLI (each process streams its shard; the main process saves)
+    # 2. distributed fit through the CLI (each process streams its shard, the sums are all-reduced, the main process
+    #    saves); count the all-reduces to be sure the fit was shared
+    calls = []
+    all_reduce_moments = distributed.all_reduce_moments
+    distributed.all_reduce_moments = lambda moments, communicator: calls.append(moments.count) or all_reduce_moments(
+        moments, communicator
+    )
     code = main(["fit", "--method", "wiener", "--data", "digits", "--output-dir", os.path.join(out, "fit"),
                  "--batch-size", "100"])
-    assert code == 0
+    distributed.all_reduce_moments = all_reduce_moments
+    assert code == 0 and calls == [899 if rank == 0 else 898], calls
 
     # 3. moments of a datasets.Dataset, sharded with split_dataset_by_node
     dataset = dp_cases.digits_dataset()
@@ -57,6 +65,7 @@ def run(out: str, wiener_dir: str, dp_pipeline_dir: str) -> None:
     results = {}
     for name, denoiser, inputs in dp_cases.cases():
         shard_for_data_parallel(denoiser, state)
+        assert len(denoiser.images) == (151 if rank == 0 else 150), len(denoiser.images)
         results[name] = [dp_cases.denoise(denoiser, *case) for case in inputs]
     torch.save(results, os.path.join(out, f"data_parallel_rank{rank}.pt"))
 
