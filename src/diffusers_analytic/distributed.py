@@ -165,6 +165,11 @@ def shard_data(data, state: Any = None, index: int | None = None, num_shards: in
         return data
     if communicator is None:
         communicator = default_communicator(state)
+    if communicator is None:
+        raise ValueError(
+            f"Sharding over {num_shards} processes needs torch.distributed (launch with `accelerate launch` or "
+            "`torchrun`) or an explicit `communicator`; a lone shard would fit only part of the data."
+        )
     if isinstance(data, np.ndarray):
         data = torch.from_numpy(data)
     if isinstance(data, (torch.Tensor, ImageSet)):

@@ -88,6 +88,8 @@ def test_shard_data_single_process_and_errors():
     assert shard_data(images, index=0, num_shards=1) is images
     with pytest.raises(ValueError, match="Cannot shard 3 images over 4 processes"):
         shard_data(images, index=0, num_shards=4, communicator=object())
+    with pytest.raises(ValueError, match="needs torch.distributed"):
+        shard_data(images, index=0, num_shards=2)
     shard = shard_data(iter([images, images, images]), index=1, num_shards=2, communicator=object())
     assert len(list(shard.data)) == 1  # every other batch
 
@@ -184,6 +186,8 @@ def test_shard_for_data_parallel_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="stores no training images"):
         shard_for_data_parallel(da.WienerDenoiser(sample_size=4, in_channels=1), index=0, num_shards=2, communicator=object())
     denoiser = dp_cases.toy_optimal()
+    with pytest.raises(ValueError, match="needs a communicator"):
+        shard_for_data_parallel(denoiser, index=0, num_shards=2)
     assert shard_for_data_parallel(denoiser, index=0, num_shards=1) is denoiser and len(denoiser.images) == 301
     shard_for_data_parallel(denoiser, index=1, num_shards=2, communicator=object())
     with pytest.raises(ValueError, match="already sharded"):
