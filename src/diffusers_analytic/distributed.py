@@ -252,28 +252,44 @@ def all_reduce_online_softmax(
         value_shape (`tuple`, *optional*): `V`, the trailing shape of the weighted sum (e.g. `(D,)` or `()`).
         device (*optional*): where an empty state's tensors are made.
     """
-    if state.max is None:
-        if rows_shape is None or value_shape is None:
-            raise ValueError(
-                "This process's softmax state is empty (its shard had no matching image); pass `rows_shape` and "
-                "`value_shape` so that it can take part in the reduction."
-            )
-        state.max = torch.full(tuple(rows_shape), float("-inf"), device=device)
-        state.sum = torch.zeros(tuple(rows_shape), device=device)
-        state.acc = torch.zeros((*rows_shape, *value_shape), device=device)
-    # 1. the common running max
-    global_max = communicator.all_reduce(state.max, "max")  # [*S]
+    shapes = None if rows_shape is None or value_shape is None else [(rows_shape, value_shape)]
+    return all_reduce_online_softmaxes([state], communicator, shapes, device)[0]
+
+
+def all_reduce_online_softmaxes(states: list, communicator: Communicator, shapes: list | None = None, device=None) -> list:
+    """
+    [`all_reduce_online_softmax`] for several states at once (e.g. one per tile of output pixels), packed into one
+    MAX and one SUM all-reduce whatever their number. `shapes` lists `(rows_shape, value_shape)` per state, needed
+    only for states that may be empty.
+    """
+    for k, state in enumerate(states):
+        if state.max is None:
+            if shapes is None or shapes[k] is None:
+                raise ValueError(
+                    "This process's softmax state is empty (its shard had no matching image); pass `rows_shape` and "
+                    "`value_shape` so that it can take part in the reduction."
+                )
+            rows_shape, value_shape = (tuple(shape) for shape in shapes[k])
+            state.max = torch.full(rows_shape, float("-inf"), device=device)
+            state.sum = torch.zeros(rows_shape, device=device)
+            state.acc = torch.zeros((*rows_shape, *value_shape), device=device)
+    # 1. the common running max of every row
+    global_max = communicator.all_reduce(torch.cat([state.max.reshape(-1) for state in states]), "max")
+    global_maxes = global_max.split([state.max.numel() for state in states])
     # 2. rescale each partial sum to it: exp(m_r - m), 0 where this process saw nothing (m_r = -inf)
-    safe_global = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
-    scale = torch.exp(state.max - safe_global)  # [*S]
-    rows = state.sum.numel()
-    packed = torch.cat([(state.sum * scale).reshape(-1), (state.acc * _expand(scale, state.acc)).reshape(-1)])
-    # 3. add the rescaled sums
-    packed = communicator.all_reduce(packed, "sum")
-    state.sum = packed[:rows].reshape(state.sum.shape)
-    state.acc = packed[rows:].reshape(state.acc.shape)
-    state.max = global_max
-    return state
+    packed = []
+    for state, state_global in zip(states, global_maxes):
+        safe_global = torch.where(torch.isfinite(state_global), state_global, torch.zeros_like(state_global))
+        scale = torch.exp(state.max.reshape(-1) - safe_global).reshape(state.max.shape)  # [*S]
+        packed += [(state.sum * scale).reshape(-1), (state.acc * _expand(scale, state.acc)).reshape(-1)]
+    # 3. add the rescaled sums (one call for all states)
+    sizes = [part.numel() for part in packed]
+    summed = communicator.all_reduce(torch.cat(packed), "sum").split(sizes)
+    for k, (state, state_global) in enumerate(zip(states, global_maxes)):
+        state.sum = summed[2 * k].reshape(state.sum.shape)
+        state.acc = summed[2 * k + 1].reshape(state.acc.shape)
+        state.max = state_global.reshape(state.max.shape)
+    return states
 
 
 def all_reduce_nearest(
@@ -433,6 +449,14 @@ def reduce_softmax_over_shards(denoiser, state, rows_shape=None, value_shape=Non
     if shard is None:
         return state
     return all_reduce_online_softmax(state, shard.communicator, rows_shape, value_shape, device)
+
+
+def reduce_softmaxes_over_shards(denoiser, states: list, shapes: list | None = None, device=None) -> list:
+    """[`reduce_softmax_over_shards`] for several states at once, in two all-reduces (see [`all_reduce_online_softmaxes`])."""
+    shard = data_parallel_shard(denoiser)
+    if shard is None:
+        return states
+    return all_reduce_online_softmaxes(states, shard.communicator, shapes, device)
 
 
 def reduce_nearest_over_shards(denoiser, distances: torch.Tensor, indices: torch.Tensor, images: torch.Tensor):

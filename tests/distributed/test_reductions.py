@@ -13,6 +13,7 @@ from diffusers_analytic.distributed import (
     DataShard,
     all_reduce_nearest,
     all_reduce_online_softmax,
+    all_reduce_online_softmaxes,
     shard_bounds,
     shard_data,
     shard_for_data_parallel,
@@ -136,6 +137,35 @@ def test_all_reduce_online_softmax_with_an_empty_shard():
     )
     for result in results:
         assert dp_cases.relative_error(result, reference_softmax_sum(logits, values)) < 1e-6
+
+
+def test_all_reduce_online_softmaxes_packs_several_states():
+    """Per-pixel states of different shapes (tiles of PCA locality), one of them empty on one rank: two collectives."""
+    generator = torch.Generator().manual_seed(3)
+    tiles = [torch.randn(2, 3, 20, generator=generator) * 10, torch.randn(2, 5, 20, generator=generator)]  # [B, P, N]
+    values = [torch.randn(3, 20, generator=generator), torch.randn(5, 20, generator=generator)]  # [P, N]
+    expected = [
+        (torch.softmax(tiles[0].double(), -1) * values[0].double()).sum(-1),  # [B, P]
+        (torch.softmax(tiles[1][..., 12:].double(), -1) * values[1][:, 12:].double()).sum(-1),  # rank 1's images only
+    ]
+    calls = []
+
+    def reduce(rank, communicator):
+        all_reduce = communicator.all_reduce
+        communicator.all_reduce = lambda tensor, op: calls.append(op) or all_reduce(tensor, op)
+        states = [OnlineSoftmax(), OnlineSoftmax()]
+        for k, (logits, vals) in enumerate(zip(tiles, values)):
+            chunk = slice(0, 12) if rank == 0 else slice(12, 20)
+            if rank == 0 and k == 1:
+                continue  # nothing for tile 1 on rank 0
+            states[k].update(logits[..., chunk], lambda w, vals=vals[:, chunk]: (w * vals).sum(-1))
+        shapes = [((2, 3), ()), ((2, 5), ())]
+        return [state.result() for state in all_reduce_online_softmaxes(states, communicator, shapes)]
+
+    for results in ThreadGroup(2).run(reduce):
+        for result, reference in zip(results, expected):
+            assert dp_cases.relative_error(result, reference) < 1e-6
+    assert calls == ["max", "max", "sum", "sum"]  # 2 ranks x (one MAX, one SUM)
 
 
 def test_all_reduce_nearest_breaks_ties_by_global_index():
