@@ -136,7 +136,10 @@ def run(args) -> None:
 
 
 # What decides the pixels of image i (besides i): a resumed run must agree on all of it.
-_RESUME_KEYS = ("seed", "num_inference_steps", "scheduler", "scheduler_config", "eta", "class_label", "source", "revision", "denoiser", "dtype", "tf32")
+_RESUME_KEYS = (
+    "seed", "num_inference_steps", "scheduler", "scheduler_config", "eta", "class_label", "source", "revision",
+    "denoiser", "dtype", "tf32",
+)
 
 
 def _manifest(args, pipe) -> dict:
