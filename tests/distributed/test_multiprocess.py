@@ -58,6 +58,11 @@ def test_distributed_fit_equals_one_process(worker_out, tmp_path):
     torch.testing.assert_close(cov(two), cov(one), rtol=0, atol=1e-6)
 
 
+def test_data_holding_fit_under_two_processes(worker_out):
+    denoiser = da.OptimalDenoiser.from_pretrained(os.path.join(worker_out, "fit-optimal", "unet"))
+    assert torch.equal(denoiser.images, da.load_builtin("digits").images)
+
+
 def test_distributed_moments_of_a_datasets_dataset(worker_out):
     single, _ = fit_moments(dp_cases.digits_dataset(), batch_size=64, show_progress=False)
     two = torch.load(os.path.join(worker_out, "moments.pt"))

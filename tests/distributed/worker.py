@@ -53,6 +53,8 @@ def run(out: str, wiener_dir: str, dp_pipeline_dir: str) -> None:
                  "--batch-size", "100"])
     distributed.all_reduce_moments = all_reduce_moments
     assert code == 0 and calls == [899 if rank == 0 else 898], calls
+    # a data-holding method is fitted by the main process alone
+    assert main(["fit", "--method", "optimal", "--data", "digits", "--output-dir", os.path.join(out, "fit-optimal")]) == 0
 
     # 3. moments of a datasets.Dataset, sharded with split_dataset_by_node
     dataset = dp_cases.digits_dataset()

@@ -3,7 +3,7 @@
 Runs unchanged under `accelerate launch` / `torchrun`: for the methods whose statistics are sums over images
 (`SHARDED_FIT_METHODS`), each process streams its shard of the data and the float64 sums are all-reduced, so the
 result equals a single-process fit to float64 rounding; the data-holding methods store every image, so the main
-process fits them alone. The main process saves; the others wait until the folder exists.
+process fits them alone (the others return at once). The main process saves.
 """
 
 from __future__ import annotations
@@ -123,18 +123,19 @@ def run(args) -> None:
         )
         if value is not None
     }
-    distributed = state.num_processes > 1 and args.method in SHARDED_FIT_METHODS
-    if state.is_main_process or distributed:
-        data = load_data(args)
-        if distributed:
+    data = load_data(args) if state.is_main_process or args.method in SHARDED_FIT_METHODS else None
+    if state.num_processes > 1:
+        if args.method not in SHARDED_FIT_METHODS:
+            # No collective follows, so the other processes need not wait (and cannot time out) for a long fit.
+            if not state.is_main_process:
+                return
+            logger.info(f"{args.method} stores every image: the main process fits it alone.")
+        else:
             data = shard_data(data, state)
             logger.info(f"Fitting {args.method} on {state.num_processes} processes, each on its shard of the data.")
-        elif state.num_processes > 1:
-            logger.info(f"{args.method} stores every image: the main process fits it alone.")
-        denoiser = denoiser_class.from_dataset(
-            data, batch_size=args.batch_size, show_progress=state.is_main_process, **data_kwargs, **config
-        )
-        if state.is_main_process:
-            save_atomically(AnalyticDDIMPipeline(unet=denoiser), args.output_dir, overwrite=args.overwrite)
-            logger.info(f"Saved a {args.method} pipeline to {args.output_dir}")
-    state.wait_for_everyone()
+    denoiser = denoiser_class.from_dataset(
+        data, batch_size=args.batch_size, show_progress=state.is_main_process, **data_kwargs, **config
+    )
+    if state.is_main_process:
+        save_atomically(AnalyticDDIMPipeline(unet=denoiser), args.output_dir, overwrite=args.overwrite)
+        logger.info(f"Saved a {args.method} pipeline to {args.output_dir}")
