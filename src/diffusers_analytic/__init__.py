@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .data import ImageSet, iter_image_batches, load_builtin, load_image_dataset
+from .models.denoiser_pca_locality import PCALocalityDenoiser
 from .models.denoiser_wiener import WienerDenoiser
 from .models.modeling_analytic import AnalyticDenoiserMixin, AnalyticDenoiserOutput
 from .pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline, AnalyticPipelineOutput
@@ -15,6 +16,7 @@ __all__ = [
     "AnalyticPipelineOutput",
     "DENOISERS",
     "ImageSet",
+    "PCALocalityDenoiser",
     "WienerDenoiser",
     "get_denoiser_class",
     "iter_image_batches",

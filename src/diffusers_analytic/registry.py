@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from .models.denoiser_pca_locality import PCALocalityDenoiser
 from .models.denoiser_wiener import WienerDenoiser
 
 DENOISERS = {
     "wiener": WienerDenoiser,
+    "pca_locality": PCALocalityDenoiser,
 }
 
 
