@@ -63,6 +63,8 @@ def cases() -> list:
     toy = toy_optimal()
     inputs = noisy_inputs(toy, images)
     conditional = [(x_t, t, {"class_labels": [1, 1, 0, 1, 0]}) for x_t, t, _ in inputs[1:3]]
+    patches = da.load_builtin("patches", size=4, num_images=201, channels=1)  # every pixel varies: all-ones masks
+    all_ones = da.PCALocalityDenoiser.from_dataset(patches, mask_threshold=1e-6, chunk_size=50, show_progress=False)
     seeded = [(x_t, t, {"seed": 7}) for x_t, t, _ in inputs]
     return [
         ("toy_optimal", toy, inputs),
@@ -74,6 +76,22 @@ def cases() -> list:
             seeded,
         ),
         ("nearest", da.NearestDatasetDenoiser.from_dataset(images, chunk_size=40, show_progress=False), inputs),
+        (
+            "pca_locality",
+            da.PCALocalityDenoiser.from_dataset(images, mask_threshold=0.02, chunk_size=37, show_progress=False),
+            inputs,
+        ),
+        (
+            "pca_locality_soft",
+            da.PCALocalityDenoiser.from_dataset(images, mask_threshold=0.0, chunk_size=64, show_progress=False),
+            inputs[:2],
+        ),
+        ("pca_locality_all_ones", all_ones, noisy_inputs(all_ones, patches.images)[:2]),
+        (
+            "pca_locality_class",
+            da.PCALocalityDenoiser.from_dataset(labelled_digits(), mask_threshold=0.02, chunk_size=64, show_progress=False),
+            conditional,
+        ),
     ]
 
 

@@ -66,8 +66,9 @@ def run(out: str, wiener_dir: str, dp_pipeline_dir: str) -> None:
     # 4. data-parallel exact denoising: every data-holding denoiser case, sharded over the 2 processes
     results = {}
     for name, denoiser, inputs in dp_cases.cases():
+        start, stop = distributed.shard_bounds(len(denoiser.images), rank, 2)
         shard_for_data_parallel(denoiser, state)
-        assert len(denoiser.images) == (151 if rank == 0 else 150), len(denoiser.images)
+        assert len(denoiser.images) == stop - start, (name, len(denoiser.images))
         results[name] = [dp_cases.denoise(denoiser, *case) for case in inputs]
     torch.save(results, os.path.join(out, f"data_parallel_rank{rank}.pt"))
 
