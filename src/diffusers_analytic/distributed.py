@@ -390,7 +390,7 @@ def shard_for_data_parallel(model, state: Any = None, index: int | None = None, 
     if denoiser.config.get("num_neighbors") is not None:
         raise ValueError(
             f"Data-parallel denoising is exact only; this denoiser uses FAISS top-k (num_neighbors="
-            f"{denoiser.config.num_neighbors}). Load it with `num_neighbors=None`."
+            f"{denoiser.config.num_neighbors}); load it exact with `from_pretrained(..., num_neighbors=None)`."
         )
     if index is None or num_shards is None:
         if state is not None:
