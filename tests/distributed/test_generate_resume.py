@@ -62,3 +62,15 @@ def test_bad_counts_are_errors(wiener_dir, tmp_path, flag, capsys):
     args = ["generate", wiener_dir, "--output-dir", str(tmp_path / "x"), "--num-inference-steps", "2", *flag]
     assert main(args) == 2
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_device_and_dtype_flags(wiener_dir, tmp_path):
+    import torch
+
+    out = str(tmp_path / "bf16")
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    generate(wiener_dir, out, "--device", "cpu", "--dtype", "bfloat16", "--tf32")
+    assert torch.backends.cuda.matmul.allow_tf32 == allow_tf32  # the switch does not leak out of the command
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["dtype"] == "bfloat16" and manifest["tf32"] is True
+    assert len(png_bytes(out, 5)) == 5

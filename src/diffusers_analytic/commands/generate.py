@@ -70,6 +70,15 @@ def _save_png(image, path: str) -> None:
 
 
 def run(args) -> None:
+    # --tf32 is a process-wide switch; put it back afterwards (the CLI may be called in-process, e.g. by tests).
+    previous_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        _generate(args)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous_tf32
+
+
+def _generate(args) -> None:
     from accelerate import PartialState
 
     from ..distributed import shard_for_data_parallel
