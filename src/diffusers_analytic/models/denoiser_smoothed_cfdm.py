@@ -125,10 +125,9 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
                 x_flat, alpha_prod_t, beta_prod_t, self.images, stats, config.chunk_size, config.temperature,
                 labels=self.labels, class_labels=class_labels,
             )
-        mean = stats[0]
         sqrt_a = alpha_prod_t.double().sqrt().clamp(min=1e-30).float()[:, None]
         neighbours = self._neighbors.search(
-            (x_flat - sqrt_a * mean) / sqrt_a, config.num_neighbors, self.images, mean, config.chunk_size,
+            x_flat / sqrt_a, config.num_neighbors, self.images, config.chunk_size,
             config.faiss_index, config.ivf_threshold, config.ivf_nprobe, labels=self.labels, class_labels=class_labels,
         )
         return torch.stack([
