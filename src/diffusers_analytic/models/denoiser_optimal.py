@@ -147,13 +147,11 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             )
             return x0_hat.reshape(x_t.shape)
 
-        # Top-k: the k nearest images of x'/sqrt(a) (same ranking as ||x_t - sqrt(a) y_i||), then the exact
-        # logits over those k only. At a = 0 every image is equally far; the query is then x' itself.
-        mean = stats[0]
+        # Top-k: the k nearest images of x_t / sqrt(a) (the ranking of ||x_t - sqrt(a) y_i||), then the exact
+        # logits over those k only. (At a = 0 every image is equally far, and any k are as good as any other.)
         sqrt_a = alpha_prod_t.double().sqrt().clamp(min=1e-30).float()[:, None]
-        queries = (x_flat - sqrt_a * mean) / sqrt_a  # [B, D]
         neighbours = self._neighbors.search(
-            queries, config.num_neighbors, self.images, mean, config.chunk_size, config.faiss_index,
+            x_flat / sqrt_a, config.num_neighbors, self.images, config.chunk_size, config.faiss_index,
             config.ivf_threshold, config.ivf_nprobe, labels=self.labels, class_labels=class_labels,
         )
         x0_hat = torch.stack([
