@@ -34,8 +34,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import PIL.Image
 import torch
 import yaml
+from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 from huggingface_hub import create_branch, create_repo, hf_hub_download, upload_folder
 from tqdm.auto import tqdm
@@ -394,20 +396,17 @@ class ConfiguredImages:
                 )
         return dataset
 
-    def __len__(self) -> int:
-        """The number of images a pass reads (when the source knows its size)."""
+    def expected_count(self) -> int | None:
+        """The number of images a pass reads, when the source knows its size (not a streamed data set)."""
         if isinstance(self.source, ImageSet) or (is_hf_dataset(self.source) and hasattr(self.source, "__len__")):
             total = len(self.source)
             return total if self.data["max_images"] is None else min(total, self.data["max_images"])
-        raise TypeError("The size of a streamed data set is not known in advance.")
+        return self.data["max_images"]
 
     def __iter__(self) -> Iterator[ImageBatch]:
         data = self.data
         size = (data["resolution"], data["resolution"])
-        try:
-            total = len(self)
-        except TypeError:
-            total = data["max_images"]
+        total = self.expected_count()
         progress = tqdm(total=total, desc=f"Reading {self.config.dataset_name}", unit="img", disable=not self.show_progress)
         count = 0
         batches = iter_image_batches(
@@ -470,7 +469,7 @@ def denoiser_class_for(method: str):
     return DENOISERS[method]
 
 
-def fit_pipeline(config: HubConfig, show_progress: bool = True):
+def fit_pipeline(config: HubConfig, show_progress: bool = True) -> tuple[DiffusionPipeline, int]:
     """
     Loads the data of `config`, fits its method and returns `(pipeline, number of images)`: an
     [`AnalyticDDIMPipeline`] with the scheduler the config names, built on the denoiser's schedule.
@@ -494,7 +493,9 @@ def fit_pipeline(config: HubConfig, show_progress: bool = True):
     return AnalyticDDIMPipeline(unet=denoiser, scheduler=scheduler), images.num_images
 
 
-def sample_grid(pipeline, num_images: int = 16, num_inference_steps: int = 50, seed: int = 0, min_size: int = 256):
+def sample_grid(
+    pipeline: DiffusionPipeline, num_images: int = 16, num_inference_steps: int = 50, seed: int = 0, min_size: int = 256
+) -> PIL.Image.Image:
     """
     A grid of `num_images` samples (image i seeded from `(seed, i)`, as `diffusers-analytic generate` does), upscaled
     with nearest-neighbour so that small images stay visible: a PIL image at least `min_size` pixels wide.
