@@ -16,8 +16,6 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..hub import check_saved_version
-
 logger = logging.get_logger(__name__)
 
 # Relative tolerance when comparing the scheduler's alphas_cumprod with the denoiser's: both are built by diffusers
@@ -118,7 +116,9 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
 
         The generic `DiffusionPipeline.from_pretrained` cannot resolve this class; use this one.
         """
-        check_saved_version(pretrained_model_name_or_path, kwargs)
+        from ..hub import check_saved_version
+
+        check_saved_version(pretrained_model_name_or_path, kwargs)  # the diffusers-analytic version that saved it
         _import_component_modules(pretrained_model_name_or_path, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
