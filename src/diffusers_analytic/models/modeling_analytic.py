@@ -281,9 +281,9 @@ class AnalyticDenoiserMixin:
         self,
         sample: torch.Tensor,
         timestep: int | float | torch.Tensor,
-        class_labels: torch.Tensor | list[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
+        class_labels: torch.Tensor | list[int] | None = None,
     ) -> AnalyticDenoiserOutput | tuple:
         r"""
         Drop-in replacement for a UNet's forward: returns the prediction of the config's `prediction_type`.
