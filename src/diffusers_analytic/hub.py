@@ -662,22 +662,6 @@ def build(
 
 
 # ---------------------------------------------------------------------------------------------- versions
-def stamp_version(folder: str | os.PathLike) -> None:
-    """
-    Records the installed package version in a saved pipeline folder: `_diffusers_analytic_version` in
-    `model_index.json` and in the config.json of each component of this package. diffusers drops config keys that
-    start with `_` when it builds a class, so loading is unaffected.
-    """
-    folder = os.fspath(folder)
-    index_path = os.path.join(folder, "model_index.json")
-    index = _read_json_file(index_path)
-    _write_json_file(index_path, {**index, VERSION_KEY: __version__})
-    for name, value in index.items():
-        config_path = os.path.join(folder, name, "config.json")
-        if _is_our_component(value) and os.path.isfile(config_path):
-            _write_json_file(config_path, {**_read_json_file(config_path), VERSION_KEY: __version__})
-
-
 def _is_our_component(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0].startswith("diffusers_analytic.")
 

@@ -10,7 +10,6 @@ import tempfile
 from diffusers.utils import logging
 
 from ..data import BUILTIN_DATASETS, load_image_dataset
-from ..hub import stamp_version
 from ..registry import DENOISERS, get_denoiser_class
 
 logger = logging.get_logger(__name__)
@@ -75,9 +74,8 @@ def load_data(args):
 
 def save_atomically(pipeline, output_dir: str, overwrite: bool = False, write_extra=None) -> None:
     """
-    `save_pretrained` into a temporary folder beside `output_dir`, then rename: never a half-written folder. The
-    package version is recorded in the saved configs; `write_extra(folder)`, if given, adds files (a model card)
-    to the temporary folder before the rename.
+    `save_pretrained` into a temporary folder beside `output_dir`, then rename: never a half-written folder.
+    `write_extra(folder)`, if given, adds files (a model card) to the temporary folder before the rename.
     """
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and not overwrite:
@@ -90,7 +88,6 @@ def save_atomically(pipeline, output_dir: str, overwrite: bool = False, write_ex
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         pipeline.save_pretrained(staging)
-        stamp_version(staging)
         if write_extra is not None:
             write_extra(staging)
         if os.path.exists(output_dir):

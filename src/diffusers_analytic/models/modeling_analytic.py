@@ -19,6 +19,8 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
+from .. import __version__
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
@@ -90,6 +92,8 @@ class AnalyticDenoiserMixin:
 
     # ------------------------------------------------------------------ set-up
     def _init_analytic(self) -> None:
+        # Saved folders record the package version that wrote them (diffusers ignores `_` keys when loading).
+        self.register_to_config(_diffusers_analytic_version=__version__)
         config = self.config
         if config.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {config.prediction_type!r}.")

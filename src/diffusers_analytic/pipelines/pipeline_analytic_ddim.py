@@ -16,6 +16,8 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from .. import __version__
+
 logger = logging.get_logger(__name__)
 
 # Relative tolerance when comparing the scheduler's alphas_cumprod with the denoiser's: both are built by diffusers
@@ -106,6 +108,7 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
         if problem is not None:
             raise ValueError(problem)
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(_diffusers_analytic_version=__version__)  # written to model_index.json
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
