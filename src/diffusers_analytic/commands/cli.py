@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import fit, generate
+from . import build, fit, generate, push
 
 # Each subcommand module has `register(subparsers)` and `run(args)`; listed here line by line.
 SUBCOMMANDS = {
     "fit": fit,
     "generate": generate,
+    "build": build,
+    "push": push,
 }
 
 

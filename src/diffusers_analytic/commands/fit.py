@@ -81,16 +81,24 @@ def load_data(args):
     return load_image_dataset(args.data, split=args.split)
 
 
-def save_atomically(pipeline, output_dir: str, overwrite: bool = False) -> None:
-    """`save_pretrained` into a temporary folder beside `output_dir`, then rename: never a half-written folder."""
+def save_atomically(pipeline, output_dir: str, overwrite: bool = False, write_extra=None) -> None:
+    """
+    `save_pretrained` into a temporary folder beside `output_dir`, then rename: never a half-written folder.
+    `write_extra(folder)`, if given, adds files (a model card) to the temporary folder before the rename.
+    """
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and not overwrite:
         raise ValueError(f"{output_dir} exists; pass --overwrite to replace it.")
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         pipeline.save_pretrained(staging)
+        if write_extra is not None:
+            write_extra(staging)
         if os.path.exists(output_dir):
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)

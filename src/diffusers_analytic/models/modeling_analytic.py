@@ -19,6 +19,8 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
+from .. import __version__
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
@@ -90,6 +92,8 @@ class AnalyticDenoiserMixin:
 
     # ------------------------------------------------------------------ set-up
     def _init_analytic(self) -> None:
+        # Saved folders record the package version that wrote them (diffusers ignores `_` keys when loading).
+        self.register_to_config(_diffusers_analytic_version=__version__)
         config = self.config
         if config.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {config.prediction_type!r}.")
@@ -281,9 +285,9 @@ class AnalyticDenoiserMixin:
         self,
         sample: torch.Tensor,
         timestep: int | float | torch.Tensor,
-        class_labels: torch.Tensor | list[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
+        class_labels: torch.Tensor | list[int] | None = None,
     ) -> AnalyticDenoiserOutput | tuple:
         r"""
         Drop-in replacement for a UNet's forward: returns the prediction of the config's `prediction_type`.

@@ -16,6 +16,8 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from .. import __version__
+
 logger = logging.get_logger(__name__)
 
 # Relative tolerance when comparing the scheduler's alphas_cumprod with the denoiser's: both are built by diffusers
@@ -106,6 +108,7 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
         if problem is not None:
             raise ValueError(problem)
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(_diffusers_analytic_version=__version__)  # written to model_index.json
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -116,6 +119,9 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
 
         The generic `DiffusionPipeline.from_pretrained` cannot resolve this class; use this one.
         """
+        from ..hub import check_saved_version
+
+        check_saved_version(pretrained_model_name_or_path, kwargs)  # the diffusers-analytic version that saved it
         _import_component_modules(pretrained_model_name_or_path, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
@@ -160,7 +166,8 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
             class_labels (`int`, `list[int]` or `torch.Tensor`, *optional*): one label per image (or one for all),
                 for denoisers fitted with labels.
             callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, i, t, callback_kwargs)` after
-                every step, with the tensors named in `callback_on_step_end_tensor_inputs` (default `["latents"]`);
+                every step, with the tensors named in `callback_on_step_end_tensor_inputs` (default `["latents"]`; also
+                `"model_output"`, `"x0_hat"`);
                 the dict it returns may replace `latents`.
 
         Examples:
@@ -212,7 +219,8 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
             latents = self.scheduler.step(output.sample, t, latents, **extra_step_kwargs).prev_sample
 
             if callback_on_step_end is not None:
-                callback_kwargs = {name: locals()[name] for name in tensor_inputs}
+                available = {"latents": latents, "model_output": output.sample, "x0_hat": output.pred_original_sample}
+                callback_kwargs = {name: available[name] for name in tensor_inputs}
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                 latents = callback_outputs.pop("latents", latents)
 
