@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from dp_toys import ToyOptimalDenoiser
 
 import diffusers_analytic as da
+
+from .dp_toys import ToyOptimalDenoiser
 
 NUM_IMAGES = 301  # odd: the two shards differ in size
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 
-import dp_cases
 import pytest
 import torch
-from conftest import HERE, accelerate_launch, run_launched
 
 import diffusers_analytic as da
 from diffusers_analytic.commands.cli import main
 from diffusers_analytic.fitting import fit_moments
+
+from . import dp_cases
+from .launching import accelerate_launch, run_launched
 
 NUM_IMAGES = 7  # not divisible by 2 processes, nor by the batch sizes
 
@@ -32,7 +33,7 @@ def generate_single(source: str, output_dir: str, *extra: str) -> None:
 @pytest.fixture(scope="module")
 def worker_out(tmp_path_factory, wiener_dir, optimal_dir) -> str:
     out = str(tmp_path_factory.mktemp("worker"))
-    result = run_launched(accelerate_launch([os.path.join(HERE, "worker.py"), out, wiener_dir, optimal_dir]), cwd=out)
+    result = run_launched(accelerate_launch(["-m", "tests.distributed.worker", out, wiener_dir, optimal_dir]), cwd=out)
     assert result.stdout.count("worker done") == 2  # the worker checks that the work really was shared
     return out
 

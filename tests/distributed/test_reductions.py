@@ -3,10 +3,8 @@ communicator standing in for torch.distributed (the real 2-process runs are in t
 
 from __future__ import annotations
 
-import dp_cases
 import pytest
 import torch
-from dp_toys import ThreadGroup, ToyOptimalDenoiser
 
 import diffusers_analytic as da
 from diffusers_analytic.distributed import (
@@ -20,6 +18,9 @@ from diffusers_analytic.distributed import (
 )
 from diffusers_analytic.fitting import StreamingMoments, fit_moments
 from diffusers_analytic.models.functional import OnlineSoftmax
+
+from . import dp_cases
+from .dp_toys import ThreadGroup, ToyOptimalDenoiser
 
 
 def float64_moments(images: torch.Tensor):

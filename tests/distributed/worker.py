@@ -1,9 +1,9 @@
 """Run by the multi-process tests as 2 processes (gloo on CPU), with the launch form that works on CPU and GPU machines:
 
     python -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
-        --dynamo_backend no --main_process_port 0 worker.py OUT WIENER_DIR DP_PIPELINE_DIR
+        --dynamo_backend no --main_process_port 0 -m tests.distributed.worker OUT WIENER_DIR DP_PIPELINE_DIR
 
-(`torchrun --standalone --nproc_per_node 2 worker.py ...` works too.)
+(`torchrun --standalone --nproc_per_node 2 -m tests.distributed.worker ...` works too), from the repository root.
 
 Each process does everything the single-process references in `test_multiprocess.py` are compared with:
 DDIM and DDPM generation through the CLI, a distributed `fit`, distributed moments over a `datasets.Dataset` shard, and
@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import sys
 
-import dp_cases
 import torch
 from accelerate import PartialState
 
@@ -29,6 +28,7 @@ from diffusers_analytic.distributed import (
     shard_for_data_parallel,
 )
 from diffusers_analytic.fitting import fit_moments
+from tests.distributed import dp_cases
 
 
 def run(out: str, wiener_dir: str, dp_pipeline_dir: str) -> None:
