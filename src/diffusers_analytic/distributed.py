@@ -62,7 +62,7 @@ class ProcessGroupCommunicator:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self._ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-        if dist.get_backend(group) == "nccl":
+        if "nccl" in str(dist.get_backend(group)):  # "nccl", or a mixed "cpu:gloo,cuda:nccl"
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")
