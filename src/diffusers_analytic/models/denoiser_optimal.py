@@ -9,7 +9,13 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging
 
 from ..distributed import reduce_softmax_over_shards
-from .functional import StoredImageStats, collect_images, image_storage, posterior_mean
+from .functional import (
+    StoredImageStats,
+    collect_images,
+    image_storage,
+    posterior_mean,
+    posterior_mean_over_neighbors,
+)
 from .knn import INDEX_TYPES, NeighborIndex
 from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive
 
@@ -154,11 +160,7 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             x_flat / sqrt_a, config.num_neighbors, self.images, config.chunk_size, config.faiss_index,
             config.ivf_threshold, config.ivf_nprobe, labels=self.labels, class_labels=class_labels,
         )
-        x0_hat = torch.stack([
-            posterior_mean(
-                x_flat[b : b + 1], alpha_prod_t[b : b + 1], beta_prod_t[b : b + 1], self.images, stats,
-                config.chunk_size, config.temperature, indices=neighbours[b],
-            )[0]
-            for b in range(len(x_t))
-        ])  # [B, D]
+        x0_hat = posterior_mean_over_neighbors(
+            x_flat, alpha_prod_t, beta_prod_t, self.images, stats, neighbours, config.chunk_size, config.temperature
+        )  # [B, D]
         return x0_hat.reshape(x_t.shape)

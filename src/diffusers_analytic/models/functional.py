@@ -258,7 +258,6 @@ def posterior_mean(
     temperature: float = 1.0,
     labels: torch.Tensor | None = None,
     class_labels: torch.Tensor | None = None,
-    indices: torch.Tensor | None = None,
     reduce_softmax: Callable[[OnlineSoftmax], OnlineSoftmax] | None = None,
 ) -> torch.Tensor:
     r"""
@@ -279,7 +278,6 @@ def posterior_mean(
         temperature (`float`): tau > 0; 1 is the exact posterior.
         labels, class_labels (`torch.Tensor`, *optional*): stored labels `[N]` and one label per sample `[B]`:
             sample b's posterior is restricted to the images of its class (other logits are -inf).
-        indices (`torch.Tensor`, *optional*): restrict the sum to these images (e.g. the top-k neighbours).
         reduce_softmax (`callable`, *optional*): applied to the online-softmax state before its result; a
             data-parallel shard all-reduces it there (`distributed.reduce_softmax_over_shards`).
 
@@ -287,9 +285,6 @@ def posterior_mean(
         `torch.Tensor`: x0_hat, float32 `[B, D]`.
     """
     mean, sq_norms = stats
-    if indices is not None:
-        sq_norms = sq_norms[indices]
-        labels = None if labels is None else labels[indices]
     scale, offset = storage_affine(images.dtype)
     c1, c2 = logit_coefficients(alpha_prod, beta_prod, temperature)
     c1, neg_c2 = c1.to(x_t.device), -c2.to(x_t.device)  # [B]
@@ -299,7 +294,7 @@ def posterior_mean(
     if class_labels is not None:
         class_labels = class_labels.to(x_t.device)
     softmax = OnlineSoftmax()
-    for start, chunk in stored_chunks(images, chunk_size, indices):
+    for start, chunk in stored_chunks(images, chunk_size):
         # 2. logits_i = c1 s x'.r_i - c2 ||y'_i||^2 (terms without i cancel in the softmax).
         logits = query @ chunk.T  # [B, n]
         logits.addr_(neg_c2, sq_norms[start : start + len(chunk)])
@@ -311,6 +306,47 @@ def posterior_mean(
     if reduce_softmax is not None:
         softmax = reduce_softmax(softmax)
     # 4. x0_hat = sum_i w_i y_i = s (sum_i w_i r_i) + o.
+    x0_hat = softmax.result()  # [B, D]
+    if scale != 1.0 or offset != 0.0:
+        x0_hat = x0_hat.mul_(scale).add_(offset)
+    return x0_hat
+
+
+def posterior_mean_over_neighbors(
+    x_t: torch.Tensor,
+    alpha_prod: torch.Tensor,
+    beta_prod: torch.Tensor,
+    images: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor],
+    neighbors: torch.Tensor,
+    chunk_size: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """
+    [`posterior_mean`] with each sample's softmax restricted to its own candidate images: `neighbors` int64 `[B, k]`
+    (indices into `images`; -1 marks an empty slot). The same logits, batched over samples and streamed over the k
+    candidates in slices of `max(1, chunk_size // B)` (memory about one chunk, as in the exact path). Returns
+    float32 `[B, D]`.
+    """
+    mean, sq_norms = stats
+    batch_size, k = neighbors.shape
+    scale, offset = storage_affine(images.dtype)
+    c1, c2 = logit_coefficients(alpha_prod, beta_prod, temperature)
+    c1, neg_c2 = c1.to(x_t.device), -c2.to(x_t.device)  # [B]
+    sqrt_a = alpha_prod.double().sqrt().float().to(x_t.device)  # [B]
+    query = (x_t - sqrt_a[:, None] * mean) * (c1 * scale)[:, None]  # c1 s x'  [B, D]
+    flat = images.reshape(len(images), -1)
+    neighbors = neighbors.to(x_t.device)
+    step = max(1, chunk_size // batch_size)
+    softmax = OnlineSoftmax()
+    for start in range(0, k, step):
+        ids = neighbors[:, start : start + step]  # [B, n]
+        valid = ids >= 0
+        safe_ids = ids.clamp(min=0)
+        chunk = flat[safe_ids].to(torch.float32)  # r  [B, n, D]
+        logits = torch.bmm(chunk, query[:, :, None]).squeeze(-1) + neg_c2[:, None] * sq_norms[safe_ids]  # [B, n]
+        logits.masked_fill_(~valid, float("-inf"))
+        softmax.update(logits, lambda weights, chunk=chunk: torch.bmm(weights[:, None, :], chunk).squeeze(1))
     x0_hat = softmax.result()  # [B, D]
     if scale != 1.0 or offset != 0.0:
         x0_hat = x0_hat.mul_(scale).add_(offset)

@@ -96,27 +96,28 @@ class NeighborIndex:
         ivf_nprobe: int,
         labels: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
-    ) -> list[torch.Tensor]:
+    ) -> torch.Tensor:
         """
-        The (up to) k nearest stored images of each query row (float32 `[B, D]`, centred: x'/sqrt(a)) as a list of
-        B int64 index tensors into the full buffer; with `class_labels`, among the images of each sample's class.
+        The (up to) k nearest stored images of each query row (float32 `[B, D]`, x_t / sqrt(a)) as int64 `[B, k]`
+        indices into the full buffer, -1 where fewer than k were found (IVF, or a class with fewer than k images);
+        with `class_labels`, among the images of each sample's class.
         """
         key = buffer_key(images)
         if key != self._key:
             self._indices, self._key = {}, key
         groups = [None] if class_labels is None else sorted(set(class_labels.tolist()))
-        found: list[torch.Tensor | None] = [None] * len(queries)
+        found = torch.full((len(queries), k), -1, dtype=torch.int64)
         for group in groups:
             if group not in self._indices:
-                members = None if group is None else torch.nonzero(labels.cpu() == group).flatten().to(images.device)
+                members = None if group is None else torch.nonzero(labels.cpu() == group).flatten()
                 index = build_index(images, chunk_size, index_type, ivf_threshold, ivf_nprobe, members)
                 self._indices[group] = (index, members)
             index, members = self._indices[group]
-            rows = list(range(len(queries))) if group is None else torch.nonzero(class_labels == group).flatten().tolist()
+            rows = torch.arange(len(queries)) if group is None else torch.nonzero(class_labels.cpu() == group).flatten()
             group_k = min(k, index.ntotal)
-            _, neighbours = index.search(np.ascontiguousarray(queries[rows].cpu().numpy()), group_k)
-            neighbours = torch.from_numpy(neighbours)
-            for row, ids in zip(rows, neighbours):
-                ids = ids[ids >= 0].to(images.device)  # IVF may find fewer than k
-                found[row] = ids if members is None else members[ids]
-        return found
+            _, neighbours = index.search(np.ascontiguousarray(queries[rows.to(queries.device)].cpu().numpy()), group_k)
+            neighbours = torch.from_numpy(neighbours).long()  # [rows, group_k], -1 = not found
+            if members is not None:
+                neighbours = torch.where(neighbours >= 0, members[neighbours.clamp(min=0)], neighbours)
+            found[rows, :group_k] = neighbours
+        return found.to(images.device)
