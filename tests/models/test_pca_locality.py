@@ -102,7 +102,7 @@ def test_patches_match_float64_reference(patch_denoiser, threshold):
         assert rel_err(out, reference_x0(images, x_t, alpha_prod, mask)) <= 1e-4, (t, threshold)
 
 
-@pytest.mark.parametrize("variant, timesteps", [("direct", (100, 20)), ("complement", (500, 100))])
+@pytest.mark.parametrize("variant, timesteps", [("direct", (20,)), ("complement", (500,))])
 def test_sparse_tilings_are_exact(patch_denoiser, variant, timesteps):
     """Tiles over the mask's support and over its complement give the dense result (forced, 2x2 pixel tiles)."""
     denoiser = with_threshold(patch_denoiser, 0.05)
@@ -287,3 +287,14 @@ def test_bad_data():
         denoiser.denoise(torch.zeros(1, 1, 4, 4), 10, class_labels=[0])
     with pytest.raises(ValueError, match="timestep"):
         denoiser.denoise(torch.zeros(1, 1, 4, 4), 1000)
+
+
+def test_cli_fit(tmp_path):
+    from diffusers_analytic.commands.cli import main
+
+    output = tmp_path / "pipe"
+    main(["fit", "--method", "pca_locality", "--data", "digits", "--output-dir", str(output), "--config", "mask_threshold=0.05"])
+    loaded = da.AnalyticDDIMPipeline.from_pretrained(output)
+    assert isinstance(loaded.unet, PCALocalityDenoiser)
+    assert loaded.unet.config.mask_threshold == 0.05 and loaded.unet.images.dtype == torch.uint8
+    assert loaded.unet.config.num_images == 1797

@@ -461,6 +461,7 @@ def locality_tiles(
     max_tile_pixels: int = 1024,
     gather_cost: float = 64.0,
     tile_overhead: float = 2e4,
+    sparse_advantage: float = 0.6,
     variants: tuple[str, ...] = ("dense", "direct", "complement"),
 ) -> list[tuple[torch.Tensor, torch.Tensor | None, bool]]:
     """
@@ -473,7 +474,8 @@ def locality_tiles(
     GEMM for all pixels). The side `s` and the variant minimise the estimated multiply-adds per stored image,
     `sum_T |inputs_T| (|T| (batch_size + 1) + gather_cost) + tile_overhead * num_tiles` (+ `D (batch_size + 1)` for
     the full distance). The dense formulation (blocks of consecutive output pixels reading all D inputs, no gather)
-    is one of the candidates, so the chosen tiling never costs more than it by this estimate.
+    is one of the candidates, and a sparse tiling replaces it only when its estimate is below `sparse_advantage`
+    times the dense one (gathers and small GEMMs run below the dense GEMM rate), so it is never slower than dense.
 
     Args:
         mask (`torch.Tensor`): `[D, D]`, bool (binary mask) or float (soft mask: always dense).
@@ -492,7 +494,9 @@ def locality_tiles(
     best = [(torch.arange(s, min(s + dense_block, dim), device=device), None, False) for s in range(0, dim, dense_block)]
     if mask.dtype != torch.bool:
         return best
-    best_cost = dim * dim * (batch_size + 1) + tile_overhead * len(best) if "dense" in variants else float("inf")
+    best_cost = float("inf")
+    if "dense" in variants:
+        best_cost = sparse_advantage * (dim * dim * (batch_size + 1) + tile_overhead * len(best))
     pixel_index = torch.arange(dim, device=device).reshape(channels, height, width)
     side = 1
     while side < max(height, width) and channels * (2 * side) ** 2 <= max_tile_pixels:
