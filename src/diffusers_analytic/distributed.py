@@ -15,6 +15,13 @@ Three things scale out, and each gives the single-process result:
 Collectives go through a small communicator with one method, `all_reduce(tensor, op) -> tensor` (`op` is `"sum"`,
 `"max"` or `"min"`). [`ProcessGroupCommunicator`] uses `torch.distributed` (the process group that `accelerate`'s
 `PartialState` or `torchrun` sets up: gloo on CPUs, NCCL on GPUs); tests may pass their own.
+
+Launching N processes, on CPU-only and GPU machines alike (`accelerate launch --cpu --num_processes N` starts only
+one process):
+
+    accelerate launch --multi_gpu --num_processes N --num_machines 1 --mixed_precision no --dynamo_backend no \
+        --main_process_port 0 -m diffusers_analytic generate ...        (or a script.py)
+    torchrun --standalone --nproc_per_node N -m diffusers_analytic generate ...
 """
 
 from __future__ import annotations
