@@ -1,4 +1,4 @@
-"""Several processes, one result: sharding and all-reduce helpers for `accelerate launch` / `torchrun` runs.
+r"""Several processes, one result: sharding and all-reduce helpers for `accelerate launch` / `torchrun` runs.
 
 Three things scale out, and each gives the single-process result:
 
