@@ -1,4 +1,4 @@
-"""Run by the multi-process tests as 2 processes (gloo on CPU), with the launch form that works on CPU and GPU machines:
+r"""Run by the multi-process tests as 2 processes (gloo on CPU), with the launch form that works on CPU and GPU machines:
 
     python -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
         --dynamo_backend no --main_process_port 0 -m tests.distributed.worker OUT WIENER_DIR DP_PIPELINE_DIR
