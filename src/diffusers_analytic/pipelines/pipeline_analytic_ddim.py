@@ -177,7 +177,8 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
             class_labels (`int`, `list[int]` or `torch.Tensor`, *optional*): one label per image (or one for all),
                 for denoisers fitted with labels.
             callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, i, t, callback_kwargs)` after
-                every step, with the tensors named in `callback_on_step_end_tensor_inputs` (default `["latents"]`);
+                every step, with the tensors named in `callback_on_step_end_tensor_inputs` (default `["latents"]`; also
+                `"model_output"`, `"x0_hat"`);
                 the dict it returns may replace `latents`.
             exact_sigmas (`bool`, defaults to `True`): give the denoiser the (fractional) timestep of the noise level
                 the scheduler integrates with at each step (its `sigmas` entry) rather than the timestep it passes,
@@ -236,7 +237,8 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
             latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
 
             if callback_on_step_end is not None:
-                callback_kwargs = {name: locals()[name] for name in tensor_inputs}
+                available = {"latents": latents, "model_output": output.sample, "x0_hat": output.pred_original_sample}
+                callback_kwargs = {name: available[name] for name in tensor_inputs}
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                 latents = callback_outputs.pop("latents", latents)
 

@@ -1,0 +1,19 @@
+"""Helpers shared by the tests (import as `from tests.testing_utils import ...`)."""
+
+import torch
+
+
+def random_gaussian(dim: int, seed: int, scale: float = 1.0):
+    """A random mean and a random full-rank covariance (float64) of dimension `dim`."""
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(dim, generator=g, dtype=torch.float64) * 0.5 * scale
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))[0]
+    spectrum = torch.logspace(-2.5, 0.3, dim, dtype=torch.float64) * scale**2
+    cov = basis @ torch.diag(spectrum) @ basis.T
+    return mean, 0.5 * (cov + cov.T)
+
+
+def sample_gaussian(mean, cov, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    chol = torch.linalg.cholesky(cov)
+    return mean + torch.randn(n, len(mean), generator=g, dtype=torch.float64) @ chol.T
