@@ -10,6 +10,7 @@ import inspect
 import math
 
 import diffusers
+import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -23,13 +24,12 @@ class GaussianPosterior:
 
     def __call__(self, x_t: torch.Tensor, alpha_prod: float) -> torch.Tensor:
         shape = x_t.shape
-        x = x_t.double().reshape(shape[0], -1)  # [B, D]
-        a = torch.tensor(alpha_prod, dtype=torch.float64)
-        eye = torch.eye(len(self.mean), dtype=torch.float64)
-        system = a * self.covariance + (1 - a) * eye
-        residual = (x - a.sqrt() * self.mean).T  # [D, B]
-        x0 = self.mean[:, None] + a.sqrt() * self.covariance @ torch.linalg.solve(system, residual)
-        return x0.T.reshape(shape)
+        x = x_t.double().reshape(shape[0], -1).numpy()  # [B, D]
+        mean, cov = self.mean.numpy(), self.covariance.numpy()
+        system = alpha_prod * cov + (1 - alpha_prod) * np.eye(len(mean))  # a S + (1 - a) I
+        residual = (x - math.sqrt(alpha_prod) * mean).T  # [D, B]
+        x0 = mean[:, None] + math.sqrt(alpha_prod) * cov @ np.linalg.solve(system, residual)  # [D, B]
+        return torch.from_numpy(x0.T.copy()).reshape(shape)
 
 
 def log_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,16 @@ def reference_sample(
     Final samples of `scheduler` driven by the float64 posterior from the same initial noise / generator as the
     pipeline. kind: "vp", "flow" or "edm". With `exact_sigmas=False` (vp only) the posterior is evaluated at the
     scheduler's timestep t (log-sigma interpolation of `denoiser_alphas_cumprod`), as a UNet would see it.
+
+    The documented rule for noise levels outside the denoiser's schedule (`denoiser_alphas_cumprod`): the posterior
+    is evaluated at the nearest end, a(0) or a(T - 1).
     """
+    ends = None
+    if denoiser_alphas_cumprod is not None:
+        ends = (float(denoiser_alphas_cumprod[-1]), float(denoiser_alphas_cumprod[0]))
+
+    def covered(a):
+        return a if ends is None else min(max(a, ends[0]), ends[1])
     generator = torch.Generator().manual_seed(seed)
     latents = randn_tensor((batch_size, *sample_shape), generator=generator, dtype=torch.float32)
     latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
@@ -104,9 +113,11 @@ def reference_sample(
         if kind == "vp":
             if hasattr(scheduler, "sigmas") and exact_sigmas:
                 sigma = evaluation_sigma(scheduler, i)
-                a = 1.0 / (1.0 + sigma**2)
-            else:
+                a = covered(1.0 / (1.0 + sigma**2))
+            elif denoiser_alphas_cumprod is not None:
                 a = alpha_at_timestep(denoiser_alphas_cumprod, float(t))
+            else:  # integer timesteps (DDIM, DDPM, PNDM): the scheduler's own schedule
+                a = float(scheduler.alphas_cumprod.double()[int(t)])
             x0 = posterior(model_input, a)
             output = _prediction(x0, model_input.double(), a, prediction_type)
         elif kind == "flow":
@@ -114,14 +125,14 @@ def reference_sample(
             s = evaluation_sigma(scheduler, i)
             r = math.sqrt((1 - s) ** 2 + s**2)
             a = (1 - s) ** 2 / r**2
-            x0 = posterior(latents.double() / r, a)
+            x0 = posterior(latents.double() / r, covered(a))
             eps = (latents.double() - (1 - s) * x0) / s
             output = eps - x0  # velocity
         else:  # edm: x = x0 + sigma eps; output F with precondition_outputs(x, F, sigma) = x0 (affine in F)
             sigma = evaluation_sigma(scheduler, i)
             a = 1.0 / (1.0 + sigma**2)
             x = latents.double()
-            x0 = posterior(x * math.sqrt(a), a)
+            x0 = posterior(x * math.sqrt(a), covered(a))
             sigma_t = torch.tensor(sigma, dtype=torch.float64)
             offset = scheduler.precondition_outputs(x, torch.zeros_like(x), sigma_t)
             slope = scheduler.precondition_outputs(x, torch.ones_like(x), sigma_t) - offset

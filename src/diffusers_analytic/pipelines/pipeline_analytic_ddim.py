@@ -237,7 +237,7 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
             latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
 
             if callback_on_step_end is not None:
-                available = {"latents": latents, "model_output": output.sample, "x0_hat": output.pred_original_sample}
+                available = {"latents": latents, "model_output": model_output, "x0_hat": output.pred_original_sample}
                 callback_kwargs = {name: available[name] for name in tensor_inputs}
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                 latents = callback_outputs.pop("latents", latents)
