@@ -132,7 +132,14 @@ SCHEDULER_ALIASES = {
     "edm-dpm++2m": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
 
-SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "rescale_betas_zero_snr",
+)
 
 # A noise level the denoiser does not cover is evaluated at the nearest covered one; a warning is logged when that
 # changes a = 1 / (1 + sigma^2) by more than this. (Euler-type schedulers store sigma = 4096, a = 2**-24, for the
@@ -289,7 +296,10 @@ class DenoiserStep:
             return output.sample
         alpha_prod, beta_prod = self.denoiser.alpha_prod_at(self.timestep, self.sample.shape[0])
         device_dtype = torch.float32 if self.sample.device.type == "mps" else torch.float64
-        alpha_prod, beta_prod = alpha_prod.to(self.sample.device, device_dtype), beta_prod.to(self.sample.device, device_dtype)
+        alpha_prod, beta_prod = (
+            alpha_prod.to(self.sample.device, device_dtype),
+            beta_prod.to(self.sample.device, device_dtype),
+        )
         prediction = self.denoiser.prediction_from_x0(
             x0_hat.float(), self.sample.float(), alpha_prod, beta_prod, prediction_type=self.prediction_type
         )
@@ -349,7 +359,9 @@ class SchedulerAdapter:
                 raise ValueError(f"Flow-matching noise level s must lie in (0, 1], got {s} at step {i}.")
             r = math.sqrt((1 - s) ** 2 + s**2)
             sigma_vp = s / (1 - s) if s < 1 else math.inf
-            return DenoiserStep(sample=latents / r, timestep=self._timestep(sigma_vp, i), latents=latents, sigma=s, **kwargs)
+            return DenoiserStep(
+                sample=latents / r, timestep=self._timestep(sigma_vp, i), latents=latents, sigma=s, **kwargs
+            )
 
         # 3. EDM: x = x_0 + sigma eps, x_vp = x / sqrt(1 + sigma^2), sigma_vp = sigma (c_noise = log(sigma) / 4)
         sigma = sigma if (self.exact_sigmas and has_sigmas) else math.exp(4.0 * float(t))

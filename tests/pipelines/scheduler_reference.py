@@ -97,6 +97,7 @@ def reference_sample(
 
     def covered(a):
         return a if ends is None else min(max(a, ends[0]), ends[1])
+
     generator = torch.Generator().manual_seed(seed)
     latents = randn_tensor((batch_size, *sample_shape), generator=generator, dtype=torch.float32)
     latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)

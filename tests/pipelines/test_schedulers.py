@@ -101,7 +101,9 @@ def run_pipeline(denoiser, scheduler, seed=0, steps=STEPS, batch=BATCH, **kwargs
     pipe = da.AnalyticDDIMPipeline(unet=denoiser, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
-    return pipe(batch_size=batch, num_inference_steps=steps, generator=generator, output_type="latent", **kwargs).images
+    return pipe(
+        batch_size=batch, num_inference_steps=steps, generator=generator, output_type="latent", **kwargs
+    ).images
 
 
 def kind_of(class_name: str, config: dict) -> str:
@@ -192,7 +194,13 @@ def test_sampling_matches_float64_reference(gaussian, case):
     samples = run_pipeline(denoiser, scheduler).double()
     reference_scheduler = build_scheduler(name, denoiser, **config)
     expected = reference_sample(
-        GaussianPosterior(*gaussian), reference_scheduler, kind, BATCH, SHAPE, seed=0, num_inference_steps=STEPS,
+        GaussianPosterior(*gaussian),
+        reference_scheduler,
+        kind,
+        BATCH,
+        SHAPE,
+        seed=0,
+        num_inference_steps=STEPS,
         denoiser_alphas_cumprod=denoiser.alphas_cumprod,
     ).double()
 
@@ -201,7 +209,9 @@ def test_sampling_matches_float64_reference(gaussian, case):
     assert (samples - expected).abs().max() < tolerance
     flat, flat_expected = samples.reshape(BATCH, -1), expected.reshape(BATCH, -1)
     assert torch.allclose(flat.mean(0), flat_expected.mean(0), atol=tolerance)
-    assert torch.allclose(torch.cov(flat.T), torch.cov(flat_expected.T), atol=tolerance * 4 * max(1.0, flat_expected.abs().max().item()))
+    assert torch.allclose(
+        torch.cov(flat.T), torch.cov(flat_expected.T), atol=tolerance * 4 * max(1.0, flat_expected.abs().max().item())
+    )
 
 
 @pytest.mark.parametrize(
@@ -279,8 +289,13 @@ def test_scheduler_reconstructs_the_denoisers_x0(gaussian, name, config):
     recorded = _record_scheduler_x0(scheduler)
     pipe = da.AnalyticDDIMPipeline(unet=denoiser, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(batch_size=16, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1),
-               output_type="latent", return_intermediates=True)
+    out = pipe(
+        batch_size=16,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(1),
+        output_type="latent",
+        return_intermediates=True,
+    )
     assert len(recorded) == len(out.trajectory_x0)
     for x0_scheduler, x0_denoiser in zip(recorded, out.trajectory_x0):
         assert (x0_scheduler - x0_denoiser).abs().max() < 1e-4
@@ -300,8 +315,14 @@ def test_rounded_timesteps_show_the_noise_level_mismatch(gaussian):
     recorded = _record_scheduler_x0(scheduler)
     pipe = da.AnalyticDDIMPipeline(unet=denoiser, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(batch_size=16, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1),
-               output_type="latent", return_intermediates=True, exact_sigmas=False)
+    out = pipe(
+        batch_size=16,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(1),
+        output_type="latent",
+        return_intermediates=True,
+        exact_sigmas=False,
+    )
     x0_gap = max((a - b).abs().max().item() for a, b in zip(recorded, out.trajectory_x0))
     assert x0_gap > 1e-3
 
@@ -315,8 +336,15 @@ def test_rounded_timesteps_show_the_noise_level_mismatch(gaussian):
 
     # The rounded path is exactly what the reference gives when it evaluates the posterior at the scheduler's t.
     rounded_reference = reference_sample(
-        posterior, build_scheduler(name, denoiser, **config), "vp", BATCH, SHAPE, 0, STEPS,
-        exact_sigmas=False, denoiser_alphas_cumprod=denoiser.alphas_cumprod,
+        posterior,
+        build_scheduler(name, denoiser, **config),
+        "vp",
+        BATCH,
+        SHAPE,
+        0,
+        STEPS,
+        exact_sigmas=False,
+        denoiser_alphas_cumprod=denoiser.alphas_cumprod,
     )
     assert (rounded - rounded_reference).abs().max() < ATOL
 
@@ -380,8 +408,9 @@ def test_every_scheduler_passes_valid_timesteps(gaussian):
             return _original(sample, timestep, *args, **kwargs)
 
         denoiser.forward = forward
-        samples = run_pipeline(denoiser, build_scheduler(name, denoiser, **config), batch=2, steps=5,
-                               exact_sigmas=exact_sigmas)
+        samples = run_pipeline(
+            denoiser, build_scheduler(name, denoiser, **config), batch=2, steps=5, exact_sigmas=exact_sigmas
+        )
         assert torch.isfinite(samples).all(), (name, config)
     assert seen == {(torch.int64, 0), (torch.float32, 0), (torch.float64, 0)}
 
@@ -418,12 +447,16 @@ def test_noise_levels_outside_the_schedule_warn_and_use_the_nearest_end(gaussian
     assert capture.messages == []
 
 
-@pytest.mark.parametrize("name", ["LCMScheduler", "TCDScheduler", "DDIMInverseScheduler", "CMStochasticIterativeScheduler"])
+@pytest.mark.parametrize(
+    "name", ["LCMScheduler", "TCDScheduler", "DDIMInverseScheduler", "CMStochasticIterativeScheduler"]
+)
 def test_incompatible_schedulers_are_refused(gaussian, name):
     denoiser = wiener(gaussian)
     scheduler_class = getattr(diffusers, name)
-    scheduler = scheduler_class() if name == "CMStochasticIterativeScheduler" else scheduler_from_denoiser(
-        denoiser, scheduler_class
+    scheduler = (
+        scheduler_class()
+        if name == "CMStochasticIterativeScheduler"
+        else scheduler_from_denoiser(denoiser, scheduler_class)
     )
     with pytest.raises(ValueError, match=name):
         da.AnalyticDDIMPipeline(unet=denoiser, scheduler=scheduler)
@@ -438,13 +471,17 @@ def test_incompatible_schedulers_are_refused(gaussian, name):
 def test_incompatible_configurations_are_refused(gaussian):
     denoiser = wiener(gaussian)
     with pytest.raises(ValueError, match="variance_type='learned'"):
-        da.AnalyticDDIMPipeline(unet=denoiser, scheduler=scheduler_from_denoiser(
-            denoiser, diffusers.DDPMScheduler, variance_type="learned"))
+        da.AnalyticDDIMPipeline(
+            unet=denoiser,
+            scheduler=scheduler_from_denoiser(denoiser, diffusers.DDPMScheduler, variance_type="learned"),
+        )
     with pytest.raises(ValueError, match="'sample'"):
         da.AnalyticDDIMPipeline(unet=denoiser, scheduler=diffusers.EDMEulerScheduler(prediction_type="sample"))
     with pytest.raises(ValueError, match="flow_prediction"):
-        da.AnalyticDDIMPipeline(unet=denoiser, scheduler=scheduler_from_denoiser(
-            denoiser, diffusers.UniPCMultistepScheduler, use_flow_sigmas=True))
+        da.AnalyticDDIMPipeline(
+            unet=denoiser,
+            scheduler=scheduler_from_denoiser(denoiser, diffusers.UniPCMultistepScheduler, use_flow_sigmas=True),
+        )
     with pytest.raises(ValueError, match="no DDPM noise schedule"):
         da.AnalyticDDIMPipeline(unet=denoiser, scheduler=_UnknownScheduler())
     with pytest.raises(ValueError, match="predictor-corrector"):
@@ -463,8 +500,9 @@ def test_clip_sample_is_kept_as_configured(gaussian):
     denoiser = wiener(gaussian)
     pipe = da.AnalyticDDIMPipeline(unet=denoiser)
     assert pipe.scheduler.config.clip_sample is True
-    samples = pipe(batch_size=64, num_inference_steps=STEPS, output_type="latent",
-                   generator=torch.Generator().manual_seed(0)).images
+    samples = pipe(
+        batch_size=64, num_inference_steps=STEPS, output_type="latent", generator=torch.Generator().manual_seed(0)
+    ).images
     assert pipe.scheduler.config.clip_sample is True
     assert samples.abs().max() <= 1.0 + 1e-6  # DDIM clips x0 to [-1, 1]; eta = 0 ends on x0
 
@@ -486,3 +524,30 @@ def test_every_alias_and_class_name_builds_a_matching_scheduler(gaussian):
         make_scheduler("ddim", base, karras=True)
     with pytest.raises(ValueError, match="Unknown scheduler"):
         make_scheduler("nope", base)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--scheduler", "dpm++2m", "--karras"],
+        ["--scheduler", "flow-euler"],
+        ["--scheduler", "EDMEulerScheduler"],
+        ["--scheduler", "UniPCMultistepScheduler"],
+    ],
+)
+def test_cli_generate_with_any_scheduler(gaussian, tmp_path, flags):
+    import json
+
+    from diffusers_analytic.commands.cli import main
+
+    folder = tmp_path / "pipe"
+    da.AnalyticDDIMPipeline(unet=wiener(gaussian)).save_pretrained(folder)
+    out = tmp_path / "out"
+    argv = ["generate", str(folder), "--num-images", "2", "--num-inference-steps", "4", "--output-dir", str(out)]
+    assert main(argv + flags) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    expected = scheduler_class_and_config(flags[1])[0].__name__
+    assert manifest["scheduler"] == expected
+    assert sorted(p.name for p in out.glob("0*.png")) == ["000000.png", "000001.png"]
+    if "--karras" in flags:
+        assert manifest["scheduler_config"]["use_karras_sigmas"] is True

@@ -36,8 +36,8 @@ class AnalyticPipelineOutput(BaseOutput):
             The generated images: PIL images, a `[B, H, W, C]` array or a `[B, C, H, W]` tensor in `[0, 1]`, or with
             `output_type="latent"` the raw final sample in model space (no clamp).
         trajectory_xt (`list[torch.Tensor]`, *optional*):
-            With `return_intermediates=True`: the sample x_t fed to the denoiser at each step, `[B, C, H, W]` each
-            (on the CPU).
+            With `return_intermediates=True`: the VP sample x_t fed to the denoiser at each step, `[B, C, H, W]`
+            each (on the CPU); for flow-matching and EDM schedulers the scheduler's sample rescaled to VP.
         trajectory_x0 (`list[torch.Tensor]`, *optional*):
             With `return_intermediates=True`: the denoiser's x0_hat at each step.
         timesteps (`list`, *optional*):
@@ -178,7 +178,7 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
                 for denoisers fitted with labels.
             callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, i, t, callback_kwargs)` after
                 every step, with the tensors named in `callback_on_step_end_tensor_inputs` (default `["latents"]`; also
-                `"model_output"`, `"x0_hat"`);
+                `"model_output"`, the prediction handed to the scheduler, and `"x0_hat"`);
                 the dict it returns may replace `latents`.
             exact_sigmas (`bool`, defaults to `True`): give the denoiser the (fractional) timestep of the noise level
                 the scheduler integrates with at each step (its `sigmas` entry) rather than the timestep it passes,
@@ -225,15 +225,15 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             # 3. The denoiser on the VP sample x_t, at the timestep of the scheduler's noise level.
             model_input = self._scale_model_input(latents, t)
-            step = adapter.view(latents, model_input, t, i)
-            output = self.unet(step.sample, step.timestep, class_labels=class_labels, generator=generator)
+            view = adapter.view(latents, model_input, t, i)
+            output = self.unet(view.sample, view.timestep, class_labels=class_labels, generator=generator)
             if return_intermediates:
-                trajectory_xt.append(step.sample.cpu())
+                trajectory_xt.append(view.sample.cpu())
                 trajectory_x0.append(output.pred_original_sample.cpu())
                 timesteps.append(t.item() if isinstance(t, torch.Tensor) else t)
 
             # 4. The prediction the scheduler asks for (epsilon, v, x0, flow velocity or EDM's F), then x_t -> x_{t-1}.
-            model_output = step.scheduler_output(output)
+            model_output = view.scheduler_output(output)
             latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
 
             if callback_on_step_end is not None:
