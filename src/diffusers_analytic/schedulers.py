@@ -267,6 +267,8 @@ class DenoiserStep:
             velocity and EDM's F are derived from x0_hat).
         latents (`torch.Tensor`): the scheduler's own sample (x_s for flow, the VE sample for EDM).
         sigma (`float`): the scheduler's noise level (s for flow, the VE sigma for EDM, sigma_vp for vp), or None.
+        denoiser: the analytic denoiser (its schedule and `prediction_from_x0`).
+        sigma_data (`float`): EDM's sigma_data (only for `"edm"`).
     """
 
     sample: torch.Tensor
