@@ -165,7 +165,7 @@ def scheduler_parametrisation(scheduler) -> str:
         )
     if config.get("invert_sigmas"):
         raise ValueError(f"{name} with invert_sigmas=True (Mochi's convention) is not supported; use the default.")
-    if name in FLOW_SCHEDULERS or config.get("use_flow_sigmas"):
+    if name in FLOW_SCHEDULERS or (config.get("use_flow_sigmas") and name in VP_SCHEDULERS):
         if name not in FLOW_SCHEDULERS and config.get("prediction_type") != "flow_prediction":
             raise ValueError(
                 f"{name} with use_flow_sigmas=True needs prediction_type='flow_prediction', got "
