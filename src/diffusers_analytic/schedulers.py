@@ -16,7 +16,7 @@ Three parametrisations, detected from the scheduler's class (`scheduler_parametr
   their `scale_model_input` already gives the VP sample. Their noise schedule must equal the denoiser's. The
   prediction (epsilon, v or x0) is converted to the scheduler's `prediction_type` whatever the denoiser's is.
 - `"flow"`, rectified-flow schedulers (`FlowMatchEulerDiscreteScheduler`, `FlowMatchHeunDiscreteScheduler`, and the
-  DPM-Solver family with `use_flow_sigmas=True`): x_s = (1 - s) x_0 + s eps with s = `sigmas[i]`, and the model
+  DPM-Solver multistep / singlestep, DEIS, UniPC and SA-Solver with `use_flow_sigmas=True`): x_s = (1 - s) x_0 + s eps with s = `sigmas[i]`, and the model
   predicts the velocity eps - x_0. The exact change of variables is x_vp = x_s / r, r = sqrt((1 - s)^2 + s^2), with
   sqrt(a) = (1 - s) / r, sqrt(1 - a) = s / r, i.e. sigma_vp = s / (1 - s); the velocity returned is
   (x_s - x0_hat) / s, from which the scheduler's x0 = x_s - s v is exactly x0_hat.
