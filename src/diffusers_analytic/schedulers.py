@@ -15,9 +15,9 @@ Three parametrisations, detected from the scheduler's class (`scheduler_parametr
 - `"vp"`, DDPM-type schedulers (DDIM, DDPM, PNDM, Euler, Heun, LMS, DPM-Solver, DEIS, UniPC, SA-Solver, ...):
   their `scale_model_input` already gives the VP sample. Their noise schedule must equal the denoiser's. The
   prediction (epsilon, v or x0) is converted to the scheduler's `prediction_type` whatever the denoiser's is.
-- `"flow"`, rectified-flow schedulers (`FlowMatchEulerDiscreteScheduler`, `FlowMatchHeunDiscreteScheduler`, and the
-  DPM-Solver multistep / singlestep, DEIS, UniPC and SA-Solver with `use_flow_sigmas=True`): x_s = (1 - s) x_0 + s eps with s = `sigmas[i]`, and the model
-  predicts the velocity eps - x_0. The exact change of variables is x_vp = x_s / r, r = sqrt((1 - s)^2 + s^2), with
+- `"flow"`, rectified-flow schedulers (`FlowMatchEulerDiscreteScheduler`, `FlowMatchHeunDiscreteScheduler`, and
+  DPM-Solver multistep / singlestep, DEIS, UniPC, SA-Solver with `use_flow_sigmas=True`): x_s = (1 - s) x_0 + s eps
+  with s = `sigmas[i]`, and the model predicts the velocity eps - x_0. The exact change of variables is x_vp = x_s / r, r = sqrt((1 - s)^2 + s^2), with
   sqrt(a) = (1 - s) / r, sqrt(1 - a) = s / r, i.e. sigma_vp = s / (1 - s); the velocity returned is
   (x_s - x0_hat) / s, from which the scheduler's x0 = x_s - s v is exactly x0_hat.
 - `"edm"`, `EDMEulerScheduler`, `EDMDPMSolverMultistepScheduler`: x = x_0 + sigma eps (variance exploding), the model
