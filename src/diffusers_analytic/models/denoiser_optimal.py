@@ -151,7 +151,7 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
 
         # Top-k: the k nearest images of x_t / sqrt(a) (the ranking of ||x_t - sqrt(a) y_i||), then the exact
         # logits over those k only. (At a = 0 every image is equally far, and any k are as good as any other.)
-        sqrt_a = alpha_prod_t.double().sqrt().clamp(min=1e-30).float()[:, None]
+        sqrt_a = alpha_prod_t.sqrt().clamp(min=1e-30).to(x_flat.dtype)[:, None]
         neighbours = self._neighbors.search(
             x_flat / sqrt_a, config.num_neighbors, self.images, config.chunk_size, config.faiss_index,
             config.ivf_threshold, config.ivf_nprobe, labels=self.labels, class_labels=class_labels,

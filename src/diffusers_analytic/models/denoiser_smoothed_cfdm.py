@@ -131,7 +131,7 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
                 x_flat, alpha_prod_t, beta_prod_t, self.images, stats, config.chunk_size, config.temperature,
                 labels=self.labels, class_labels=class_labels,
             )
-        sqrt_a = alpha_prod_t.double().sqrt().clamp(min=1e-30).float()[:, None]
+        sqrt_a = alpha_prod_t.sqrt().clamp(min=1e-30).to(x_flat.dtype)[:, None]
         neighbours = self._neighbors.search(
             x_flat / sqrt_a, config.num_neighbors, self.images, config.chunk_size,
             config.faiss_index, config.ivf_threshold, config.ivf_nprobe, labels=self.labels, class_labels=class_labels,
