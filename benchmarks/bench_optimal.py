@@ -10,8 +10,9 @@ with the bound one chunk + O(B chunk + B D) ("bound MB"; the stored images thems
 The top-k rows (`num_neighbors=k`, FAISS flat index) report the relative error against the exact result, which is
 what top-k costs in accuracy at high noise, where the posterior is broad.
 
-    python benchmarks/bench_optimal.py                       # N = 2000, 10000, 50000; B = 8, 64
-    python benchmarks/bench_optimal.py --num-images 10000 --batch-sizes 8 --storage-dtypes uint8
+    python benchmarks/bench_optimal.py                       # N = 2000, 10000, 50000; B = 8, 64; uint8 storage
+    python benchmarks/bench_optimal.py --threads 1 --clock cpu --storage-dtypes uint8 float32   # on a shared machine
+    python benchmarks/bench_optimal.py --num-images 10000 --batch-sizes 8 --top-k 50 200
 
 Results: a table on stdout and `benchmarks/results/bench_optimal.json`.
 """
@@ -41,7 +42,10 @@ def parse_args():
     parser.add_argument("--num-images", type=int, nargs="+", default=[2000, 10000, 50000])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--timesteps", type=int, nargs="+", default=[999, 500], help="999: broad (dense) posterior")
-    parser.add_argument("--storage-dtypes", nargs="+", default=["uint8", "float32"], choices=["uint8", "float16", "float32"])
+    parser.add_argument(
+        "--storage-dtypes", nargs="+", default=["uint8"], choices=["uint8", "float16", "float32"],
+        help="image storage to time (float32: no per-call conversion, 4x the memory)",
+    )
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per setting (the minimum is reported)")
     parser.add_argument("--top-k", type=int, nargs="*", default=[200], help="k of the top-k rows (none: skip)")
