@@ -123,6 +123,22 @@ def test_top_k_small_k_is_the_softmax_over_the_k_nearest(digits, digits_model_sp
         assert relative_error(out[b : b + 1], ref) <= 1e-4
 
 
+def test_top_k_ivf_probing_every_list_equals_flat(digits):
+    flat = da.OptimalDenoiser.from_dataset(digits, num_neighbors=20, faiss_index="flat")
+    ivf = da.OptimalDenoiser.from_dataset(digits, num_neighbors=20, faiss_index="ivf", ivf_nprobe=10_000)
+    approximate = da.OptimalDenoiser.from_dataset(digits, num_neighbors=20, faiss_index="ivf", ivf_nprobe=1)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(ivf.denoise(x, 200), flat.denoise(x, 200), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(approximate.denoise(x, 200)).all()
+
+
+def test_inference_mode(digits):
+    with torch.inference_mode():
+        denoiser = da.OptimalDenoiser.from_dataset(da.ImageSet(digits.images[:30]))
+        out = denoiser.denoise(torch.randn(2, 1, 8, 8), 100)
+    assert torch.isfinite(out).all()
+
+
 def test_uint8_storage_equals_float_storage(digits):
     as_uint8 = da.OptimalDenoiser.from_dataset(digits)
     as_float = da.OptimalDenoiser.from_dataset(digits.images.float() / 127.5 - 1.0)

@@ -42,8 +42,16 @@ def register(subparsers) -> None:
     parser.add_argument("--num-inference-steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--scheduler", default=None, help="a diffusers scheduler class name or alias (ddim, euler, dpm++2m, unipc, ...)")
-    parser.add_argument("--karras", action="store_true", help="use Karras sigmas (schedulers that have them)")
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        help="a diffusers scheduler class name (UniPCMultistepScheduler, ...) or an alias: ddim, ddpm, pndm, lms, euler, "
+        "euler_a, heun, dpm++2m, dpm++3m, sde-dpm++2m, dpm-single, dpm-sde, kdpm2, kdpm2_a, deis, unipc, sa-solver, "
+        "ddim-parallel, ddpm-parallel, flow-euler, flow-heun, edm-euler, edm-dpm++2m",
+    )
+    parser.add_argument(
+        "--karras", action="store_true", help="use Karras sigmas (use_karras_sigmas; EDM: sigma_schedule=karras)"
+    )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     parser.add_argument("--class-label", type=int, default=None, help="generate this class (denoisers fitted with labels)")
     parser.add_argument("--skip-existing", action="store_true", help="do not regenerate images already on disk")
@@ -82,7 +90,7 @@ def _generate(args) -> None:
     from accelerate import PartialState
 
     from ..distributed import shard_for_data_parallel
-    from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
+    from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline, scheduler_from_denoiser
     from ..schedulers import make_scheduler
     from ..utils.seeding import generators_for_indices
 
@@ -100,7 +108,9 @@ def _generate(args) -> None:
 
     pipe = AnalyticDDIMPipeline.from_pretrained(args.source, revision=args.revision)
     if args.scheduler is not None or args.karras:
-        pipe.scheduler = make_scheduler(args.scheduler or type(pipe.scheduler).__name__, pipe.scheduler.config, args.karras)
+        # The denoiser's training schedule under the current scheduler's settings, so a DDPM-type target matches it.
+        base_config = {**scheduler_from_denoiser(pipe.unet).config, **pipe.scheduler.config}
+        pipe.scheduler = make_scheduler(args.scheduler or type(pipe.scheduler).__name__, base_config, args.karras)
     if args.data_parallel:
         # Every process holds 1/n of the stored images and denoises every batch with the others.
         shard_for_data_parallel(pipe, state)

@@ -135,7 +135,7 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
                 labels=self.labels, class_labels=class_labels,
                 reduce_softmax=lambda state: reduce_softmax_over_shards(self, state),
             )
-        sqrt_a = alpha_prod_t.double().sqrt().clamp(min=1e-30).float()[:, None]
+        sqrt_a = alpha_prod_t.sqrt().clamp(min=1e-30).to(x_flat.dtype)[:, None]
         neighbours = self._neighbors.search(
             x_flat / sqrt_a, config.num_neighbors, self.images, config.chunk_size,
             config.faiss_index, config.ivf_threshold, config.ivf_nprobe, labels=self.labels, class_labels=class_labels,

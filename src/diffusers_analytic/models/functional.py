@@ -166,7 +166,12 @@ def storage_affine(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def buffer_key(images: torch.Tensor) -> tuple:
-    return (images.data_ptr(), images.device, images.dtype, tuple(images.shape), images._version)
+    """Identifies a buffer's storage and content version: derived statistics are recomputed when it changes."""
+    try:
+        version = images._version
+    except RuntimeError:  # an inference-mode tensor has no version counter (and cannot be written in place)
+        version = None
+    return (images.data_ptr(), images.device, images.dtype, tuple(images.shape), version)
 
 
 class StoredImageStats:
@@ -240,11 +245,13 @@ def logit_coefficients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     `(c1, c2)` = `(sqrt(a) / ((1 - a) tau), a / (2 (1 - a) tau))`, computed in float64 and returned as float32 `[B]`.
-    1 - a is floored at 1e-20 so that 1 - a = 0 gives a one-hot (nearest image) posterior instead of NaN.
+    1 - a is floored at 1e-20 so that 1 - a = 0 gives a one-hot (nearest image) posterior instead of NaN. (On the
+    CPU: float64 is not available on every accelerator.)
     """
-    scale = 1.0 / (2.0 * beta_prod.double().clamp(min=1e-20) * temperature)  # 1 / (2 (1 - a) tau)
-    c1 = 2.0 * alpha_prod.double().sqrt() * scale
-    c2 = alpha_prod.double() * scale
+    alpha_prod, beta_prod = alpha_prod.detach().cpu().double(), beta_prod.detach().cpu().double()
+    scale = 1.0 / (2.0 * beta_prod.clamp(min=1e-20) * temperature)  # 1 / (2 (1 - a) tau)
+    c1 = 2.0 * alpha_prod.sqrt() * scale
+    c2 = alpha_prod * scale
     return c1.float(), c2.float()
 
 
@@ -288,7 +295,7 @@ def posterior_mean(
     scale, offset = storage_affine(images.dtype)
     c1, c2 = logit_coefficients(alpha_prod, beta_prod, temperature)
     c1, neg_c2 = c1.to(x_t.device), -c2.to(x_t.device)  # [B]
-    sqrt_a = alpha_prod.double().sqrt().float().to(x_t.device)  # [B]
+    sqrt_a = alpha_prod.detach().cpu().double().sqrt().float().to(x_t.device)  # [B]
     # 1. The query c1 s x', with x' = x_t - sqrt(a) mu.
     query = (x_t - sqrt_a[:, None] * mean) * (c1 * scale)[:, None]  # [B, D]
     if class_labels is not None:
@@ -333,7 +340,7 @@ def posterior_mean_over_neighbors(
     scale, offset = storage_affine(images.dtype)
     c1, c2 = logit_coefficients(alpha_prod, beta_prod, temperature)
     c1, neg_c2 = c1.to(x_t.device), -c2.to(x_t.device)  # [B]
-    sqrt_a = alpha_prod.double().sqrt().float().to(x_t.device)  # [B]
+    sqrt_a = alpha_prod.detach().cpu().double().sqrt().float().to(x_t.device)  # [B]
     query = (x_t - sqrt_a[:, None] * mean) * (c1 * scale)[:, None]  # c1 s x'  [B, D]
     flat = images.reshape(len(images), -1)
     neighbors = neighbors.to(x_t.device)
@@ -383,10 +390,11 @@ def nearest_indices(
     """
     mean, sq_norms = stats
     scale, _ = storage_affine(images.dtype)
-    a = alpha_prod.double().to(x_t.device)
-    sqrt_a = a.sqrt()
-    query = (x_t - sqrt_a.float()[:, None] * mean) * (2.0 * sqrt_a * scale).float()[:, None]  # 2 sqrt(a) s x'  [B, D]
-    a32 = a.float()
+    a = alpha_prod.detach().cpu().double()
+    sqrt_a = a.sqrt().float().to(x_t.device)
+    two_sqrt_a_s = (2.0 * a.sqrt() * scale).float().to(x_t.device)
+    query = (x_t - sqrt_a[:, None] * mean) * two_sqrt_a_s[:, None]  # 2 sqrt(a) s x'  [B, D]
+    a32 = a.float().to(x_t.device)
     if class_labels is not None:
         class_labels = class_labels.to(x_t.device)
     best_score = torch.full((len(x_t),), float("inf"), device=x_t.device)

@@ -308,10 +308,20 @@ class AnalyticDenoiserMixin:
         return AnalyticDenoiserOutput(sample=prediction, pred_original_sample=x0_hat)
 
     def prediction_from_x0(
-        self, x0_hat: torch.Tensor, x_t: torch.Tensor, alpha_prod: torch.Tensor, beta_prod: torch.Tensor
+        self,
+        x0_hat: torch.Tensor,
+        x_t: torch.Tensor,
+        alpha_prod: torch.Tensor,
+        beta_prod: torch.Tensor,
+        prediction_type: str | None = None,
     ) -> torch.Tensor:
-        """Converts x0_hat into the config's `prediction_type`; `alpha_prod`, `beta_prod` are `[B]` tensors."""
-        prediction_type = self.config.prediction_type
+        """
+        Converts x0_hat into `prediction_type` (defaults to the config's); `alpha_prod`, `beta_prod` are `[B]` tensors.
+        The pipeline passes a scheduler's prediction type here when it differs from the config's.
+        """
+        prediction_type = prediction_type or self.config.prediction_type
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
         if prediction_type == "sample":
             return x0_hat
         sqrt_alpha = _per_sample(alpha_prod.sqrt(), x_t)

@@ -17,6 +17,7 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import __version__
+from ..schedulers import SchedulerAdapter, scheduler_parametrisation
 
 logger = logging.get_logger(__name__)
 
@@ -36,8 +37,8 @@ class AnalyticPipelineOutput(BaseOutput):
             The generated images: PIL images, a `[B, H, W, C]` array or a `[B, C, H, W]` tensor in `[0, 1]`, or with
             `output_type="latent"` the raw final sample in model space (no clamp).
         trajectory_xt (`list[torch.Tensor]`, *optional*):
-            With `return_intermediates=True`: the sample x_t fed to the denoiser at each step, `[B, C, H, W]` each
-            (on the CPU).
+            With `return_intermediates=True`: the VP sample x_t fed to the denoiser at each step, `[B, C, H, W]`
+            each (on the CPU); for flow-matching and EDM schedulers the scheduler's sample rescaled to VP.
         trajectory_x0 (`list[torch.Tensor]`, *optional*):
             With `return_intermediates=True`: the denoiser's x0_hat at each step.
         timesteps (`list`, *optional*):
@@ -51,7 +52,18 @@ class AnalyticPipelineOutput(BaseOutput):
 
 
 def schedule_mismatch(denoiser, scheduler) -> str | None:
-    """A sentence describing how `scheduler`'s noise schedule differs from `denoiser`'s, or None if they match."""
+    """
+    A sentence describing why `scheduler` cannot drive `denoiser`, or None if it can: a refused scheduler (see
+    `diffusers_analytic.schedulers`), or a DDPM-type scheduler whose noise schedule differs from the denoiser's.
+    Flow-matching and EDM schedulers have no DDPM schedule to compare; noise levels outside the denoiser's range are
+    evaluated at the nearest covered one, with a warning, while sampling.
+    """
+    try:
+        parametrisation = scheduler_parametrisation(scheduler)
+    except ValueError as error:
+        return str(error)
+    if parametrisation != "vp":
+        return None
     scheduler_alphas = getattr(scheduler, "alphas_cumprod", None)
     if scheduler_alphas is None:
         return (
@@ -86,15 +98,18 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
     r"""
     Unconditional (or class-conditional) image generation with an analytic denoiser.
 
-    The denoiser sits where a trained UNet would (`unet`), so the sampling loop is diffusers' own: any scheduler
-    with the same training noise schedule works (`init_noise_sigma`, `scale_model_input`, `step`).
+    The denoiser sits where a trained UNet would (`unet`), so the sampling loop is diffusers' own: any DDPM-type
+    scheduler with the same training noise schedule works (`init_noise_sigma`, `scale_model_input`, `step`), and so do
+    flow-matching and EDM schedulers, through the exact change of variables to the denoiser's VP posterior mean. The
+    denoiser's prediction is converted to the scheduler's `prediction_type`. Consistency samplers (LCM, TCD) and
+    other incompatible schedulers are refused with a ValueError; see `diffusers_analytic.schedulers`.
 
     Args:
         unet ([`AnalyticDenoiserMixin`] model):
             An analytic denoiser, e.g. [`WienerDenoiser`].
         scheduler ([`SchedulerMixin`], *optional*):
-            Defaults to a [`DDIMScheduler`] with the denoiser's schedule. Its `alphas_cumprod` must equal the
-            denoiser's, else a ValueError naming both.
+            Defaults to a [`DDIMScheduler`] with the denoiser's schedule. A DDPM-type scheduler's `alphas_cumprod`
+            must equal the denoiser's, else a ValueError naming both.
     """
 
     model_cpu_offload_seq = "unet"
@@ -148,6 +163,7 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
         class_labels: torch.Tensor | list[int] | int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        exact_sigmas: bool = True,
     ) -> AnalyticPipelineOutput | tuple:
         r"""
         Generates images.
@@ -167,8 +183,12 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
                 for denoisers fitted with labels.
             callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, i, t, callback_kwargs)` after
                 every step, with the tensors named in `callback_on_step_end_tensor_inputs` (default `["latents"]`; also
-                `"model_output"`, `"x0_hat"`);
+                `"model_output"`, the prediction handed to the scheduler, and `"x0_hat"`);
                 the dict it returns may replace `latents`.
+            exact_sigmas (`bool`, defaults to `True`): give the denoiser the (fractional) timestep of the noise level
+                the scheduler integrates with at each step (its `sigmas` entry) rather than the timestep it passes,
+                which several schedulers round (DPM-Solver, DEIS, UniPC, SA-Solver with Karras / exponential sigmas).
+                `step()` always gets the scheduler's own timestep. `False` reproduces what a UNet would see.
 
         Examples:
 
@@ -199,27 +219,30 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
         shape = (batch_size, *self.unet.sample_shape)
         device = self._execution_device
         latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow matching starts at x_1 = noise
 
-        # 2. The scheduler's timesteps.
+        # 2. The scheduler's timesteps, and how its steps map to the denoiser's VP posterior mean.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        adapter = SchedulerAdapter(self.unet, self.scheduler, exact_sigmas=exact_sigmas)
         extra_step_kwargs = self._prepare_extra_step_kwargs(generator, eta)
         trajectory_xt, trajectory_x0, timesteps = [], [], []
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            # 3. The denoiser's prediction (epsilon, v or x0, as the config says) on the scaled input.
-            model_input = self.scheduler.scale_model_input(latents, t)
-            output = self.unet(model_input, t, class_labels=class_labels, generator=generator)
+            # 3. The denoiser on the VP sample x_t, at the timestep of the scheduler's noise level.
+            model_input = self._scale_model_input(latents, t)
+            view = adapter.view(latents, model_input, t, i)
+            output = self.unet(view.sample, view.timestep, class_labels=class_labels, generator=generator)
             if return_intermediates:
-                trajectory_xt.append(model_input.cpu())
+                trajectory_xt.append(view.sample.cpu())
                 trajectory_x0.append(output.pred_original_sample.cpu())
                 timesteps.append(t.item() if isinstance(t, torch.Tensor) else t)
 
-            # 4. x_t -> x_{t-1}
-            latents = self.scheduler.step(output.sample, t, latents, **extra_step_kwargs).prev_sample
+            # 4. The prediction the scheduler asks for (epsilon, v, x0, flow velocity or EDM's F), then x_t -> x_{t-1}.
+            model_output = view.scheduler_output(output)
+            latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
 
             if callback_on_step_end is not None:
-                available = {"latents": latents, "model_output": output.sample, "x0_hat": output.pred_original_sample}
+                available = {"latents": latents, "model_output": model_output, "x0_hat": output.pred_original_sample}
                 callback_kwargs = {name: available[name] for name in tensor_inputs}
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                 latents = callback_outputs.pop("latents", latents)
@@ -235,6 +258,12 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
         return AnalyticPipelineOutput(
             images=images, trajectory_xt=trajectory_xt, trajectory_x0=trajectory_x0, timesteps=timesteps
         )
+
+    def _scale_model_input(self, latents: torch.Tensor, t) -> torch.Tensor:
+        # Flow-matching schedulers have no `scale_model_input`: their model input is the sample itself.
+        if hasattr(self.scheduler, "scale_model_input"):
+            return self.scheduler.scale_model_input(latents, t)
+        return latents
 
     def _postprocess(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
