@@ -48,10 +48,13 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
     on `chunk_size` or on the order of the data). The reference implementation averages per-batch softmaxes, which is
     exact only when the whole data set is one batch.
 
-    Speed: the mask of a noise level is computed once and cached (a small LRU keyed by `a`). The query-only term
-    sum_q M[q, p] x_t[q]^2 does not depend on i and cancels in the softmax; the data-only term and the cross term are
-    GEMMs over tiles of output pixels restricted to the union of their columns' supports, so the work follows the
-    mask's non-zeros; an all-ones mask (high noise) is the optimal denoiser, one GEMM.
+    Speed: the mask of a noise level is computed once (one float64 D x D GEMM) and cached (an LRU of
+    `mask_cache_size` noise levels keyed by `a`). The query-only term sum_q M[q, p] x_t[q]^2 does not depend on i and
+    cancels in the softmax; the data-only term sum_q M[q, p] y_i[q]^2 is one GEMM per data chunk shared by the whole
+    batch, and the cross term sum_q x_t[q] M[q, p] y_i[q] is one GEMM `[B P, K] x [K, n]` per tile of output pixels:
+    B N D^2 multiply-adds at GEMM rate for a dense mask; when tiles of neighbouring pixels share a small support
+    (or a small complement support, for nearly full masks) only that support is read. An all-ones mask (high noise)
+    is the optimal denoiser: one `[B, D] x [D, n]` GEMM per chunk.
 
     Args:
         sample_size (`int` or `(int, int)`, defaults to 32): image height and width.
@@ -180,7 +183,11 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         if cached is not None:
             self._mask_cache.move_to_end(key)
             return cached
-        mask = pca_locality_mask(self.eigvecs, self.eigvals, float(alpha_prod), float(self.config.mask_threshold))
+        eigvecs, eigvals = self.eigvecs, self.eigvals
+        if eigvecs.device.type == "mps":  # no float64 there: build the mask on the CPU
+            eigvecs, eigvals = eigvecs.cpu(), eigvals.cpu()
+        mask = pca_locality_mask(eigvecs, eigvals, float(alpha_prod), float(self.config.mask_threshold))
+        mask = mask.to(self.eigvecs.device)
         entry = self._prepare_mask(mask, batch_size)
         self._mask_cache[key] = entry
         while len(self._mask_cache) > self.mask_cache_size:
@@ -252,27 +259,25 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         #    logit[b, p, i] = (2 sqrt(a) cross - a data) / (2 (1 - a) tau)      (sum_q M x^2 cancels in the softmax)
         #    streamed through an online softmax per (b, p) with values y_i[p]. A complement tile holds -(1 - M):
         #    its logits are added to those of the full distance, (2 sqrt(a) x.y_i - a ||y_i||^2) / (2 (1 - a) tau).
-        tiles = []
-        needs_full = False
-        for p_idx, q_idx, sub_mask, complement in mask.tiles:
-            x_q = x_c if q_idx is None else x_c[:, q_idx]  # [B, K]
-            query = (x_q[:, None, :] * sub_mask.T[None]).reshape(-1, sub_mask.shape[0])  # [B P, K]
-            needs_full |= complement
-            tiles.append((p_idx, q_idx, query.mul_(2.0 * sqrt_a * scale), sub_mask.T * (alpha_prod * scale), complement))
-        softmaxes = [OnlineSoftmax() for _ in tiles]
+        # The [B P, K] query of a tile is rebuilt per chunk (B P K products against the GEMM's n B P K), so that
+        # only one tile's query is in memory at a time.
+        needs_full = any(complement for *_, complement in mask.tiles)
+        softmaxes = [OnlineSoftmax() for _ in mask.tiles]
         for _, y in image_chunks(self.images, chunk_size, indices=subset, device=x_t.device):
             y_c = y - mean  # [n, D]
             if needs_full:
                 full = (x_c @ y_c.T).mul_(2.0 * sqrt_a * scale).sub_(y_c.square().sum(1).mul_(alpha_prod * scale))  # [B, n]
-            for (p_idx, q_idx, query, data_weights, complement), softmax in zip(tiles, softmaxes):
+            for (p_idx, q_idx, sub_mask, complement), softmax in zip(mask.tiles, softmaxes):
+                x_q = x_c if q_idx is None else x_c[:, q_idx]  # [B, K]
+                query = (x_q[:, None, :] * sub_mask.T[None]).reshape(-1, sub_mask.shape[0])  # x[b, q] M[q, p]  [B P, K]
                 y_q = y_c if q_idx is None else y_c[:, q_idx]  # [n, K]
-                logits = (query @ y_q.T).reshape(batch_size, len(p_idx), -1)  # [B, P, n]
-                logits.sub_(data_weights @ y_q.square().T)  # - a data / (2 (1 - a) tau)   [P, n] broadcast over B
+                logits = (query @ y_q.T).mul_(2.0 * sqrt_a * scale).reshape(batch_size, len(p_idx), -1)  # [B, P, n]
+                logits.sub_((sub_mask.T @ y_q.square().T).mul_(alpha_prod * scale))  # a data / (2 (1 - a) tau)  [P, n]
                 if complement:
                     logits.add_(full[:, None, :])
                 values = y_c[:, p_idx].T  # y_i[p] - mu[p]  [P, n]
                 softmax.update(logits, lambda w, values=values: (w * values).sum(-1))
         out = torch.empty_like(x_t)
-        for (p_idx, *_), softmax in zip(tiles, softmaxes):
+        for (p_idx, *_), softmax in zip(mask.tiles, softmaxes):
             out[:, p_idx] = softmax.result()
         return mean + out

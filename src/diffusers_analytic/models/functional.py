@@ -187,7 +187,7 @@ def locality_tiles(
     mask: torch.Tensor,
     sample_shape: tuple[int, int, int],
     batch_size: int = 8,
-    max_tile_pixels: int = 1024,
+    max_tile_pixels: int = 512,
     gather_cost: float = 64.0,
     tile_overhead: float = 2e4,
     sparse_advantage: float = 0.6,
