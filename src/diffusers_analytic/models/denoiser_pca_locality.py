@@ -20,6 +20,20 @@ logger = logging.get_logger(__name__)
 
 # Where 1 - a is exactly 0 the logits divide by this instead (a finite, extremely peaked softmax).
 _MIN_BETA_PROD = 1e-20
+# Logits more than this below their row's running max are raised to it before exp (see `_raise_small_logits`).
+_LOGIT_FLOOR = 80.0
+
+
+def _raise_small_logits(logits: torch.Tensor, softmax: OnlineSoftmax) -> torch.Tensor:
+    """
+    Raises logits below (running row max - 80) to that value, in place: their weights, under e^-80 = 1.8e-35 of the
+    largest, change no float32 result (N of them add under N * 1.8e-35 relative), but exp of very negative numbers
+    takes a slow underflow path on CPUs (about 8x slower than exp of moderate ones).
+    """
+    row_max = logits.amax(dim=-1)
+    if softmax.max is not None:
+        row_max = torch.maximum(row_max, softmax.max)
+    return torch.maximum(logits, (row_max - _LOGIT_FLOOR).unsqueeze(-1), out=logits)
 
 
 @dataclass
@@ -27,7 +41,7 @@ class LocalityMask:
     """The mask of one noise level, prepared for the distance computation (see `PCALocalityDenoiser.locality_mask`)."""
 
     mask: torch.Tensor  # [D, D] bool (binarised) or float32 (soft R)
-    tiles: list  # [(p_idx [P], q_idx [K] or None, sub_mask float32 [K, P], complement)], sub_mask = -(1 - M) if complement
+    tiles: list  # [(p_idx [P], q_idx [K] or None, M^T float32 [P, K], complement)], -(1 - M)^T if complement
     nonzero_fraction: float  # share of non-zero mask entries
     all_ones: bool  # the mask is all ones: the optimal denoiser
 
@@ -207,7 +221,7 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             for p_idx, q_idx, complement in locality_tiles(mask, self.sample_shape, batch_size=batch_size, **tiling):
                 rows = mask[:, p_idx] if q_idx is None else mask[q_idx][:, p_idx]  # [K, P]
                 sub_mask = -(~rows).to(torch.float32) if complement else rows.to(torch.float32)
-                tiles.append((p_idx, q_idx, sub_mask, complement))
+                tiles.append((p_idx, q_idx, sub_mask.T.contiguous(), complement))
         return LocalityMask(mask, tiles, nonzero / mask.numel(), all_ones)
 
     # ------------------------------------------------------------------ the closed form
@@ -250,7 +264,7 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
                 y_c = y - mean  # [n, D]
                 # logits = (2 sqrt(a) x.y - a ||y||^2) / (2 (1 - a) tau); ||x||^2 cancels
                 logits = (x_c @ y_c.T).mul_(2.0 * sqrt_a).sub_(alpha_prod * y_c.square().sum(1)).mul_(scale)  # [B, n]
-                softmax.update(logits, lambda w, y_c=y_c: w @ y_c)
+                softmax.update(_raise_small_logits(logits, softmax), lambda w, y_c=y_c: w @ y_c)
             return mean + softmax.result()
 
         # 3. Per tile T of output pixels (inputs K = the union of their supports, see `locality_tiles`):
@@ -267,16 +281,16 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             y_c = y - mean  # [n, D]
             if needs_full:
                 full = (x_c @ y_c.T).mul_(2.0 * sqrt_a * scale).sub_(y_c.square().sum(1).mul_(alpha_prod * scale))  # [B, n]
-            for (p_idx, q_idx, sub_mask, complement), softmax in zip(mask.tiles, softmaxes):
+            for (p_idx, q_idx, mask_t, complement), softmax in zip(mask.tiles, softmaxes):
                 x_q = x_c if q_idx is None else x_c[:, q_idx]  # [B, K]
-                query = (x_q[:, None, :] * sub_mask.T[None]).reshape(-1, sub_mask.shape[0])  # x[b, q] M[q, p]  [B P, K]
+                query = (x_q[:, None, :] * mask_t[None]).reshape(-1, mask_t.shape[1])  # x[b, q] M[q, p]  [B P, K]
                 y_q = y_c if q_idx is None else y_c[:, q_idx]  # [n, K]
                 logits = (query @ y_q.T).mul_(2.0 * sqrt_a * scale).reshape(batch_size, len(p_idx), -1)  # [B, P, n]
-                logits.sub_((sub_mask.T @ y_q.square().T).mul_(alpha_prod * scale))  # a data / (2 (1 - a) tau)  [P, n]
+                logits.sub_((mask_t @ y_q.square().T).mul_(alpha_prod * scale))  # a data / (2 (1 - a) tau)  [P, n]
                 if complement:
                     logits.add_(full[:, None, :])
                 values = y_c[:, p_idx].T  # y_i[p] - mu[p]  [P, n]
-                softmax.update(logits, lambda w, values=values: (w * values).sum(-1))
+                softmax.update(_raise_small_logits(logits, softmax), lambda w, values=values: w.mul_(values).sum(-1))
         out = torch.empty_like(x_t)
         for (p_idx, *_), softmax in zip(mask.tiles, softmaxes):
             out[:, p_idx] = softmax.result()
