@@ -21,6 +21,20 @@ logger = logging.get_logger(__name__)
 
 # Where 1 - a is exactly 0 the logits divide by this instead (a finite, extremely peaked softmax).
 _MIN_BETA_PROD = 1e-20
+# Logits more than this below their row's running max are raised to it before exp (see `_raise_small_logits`).
+_LOGIT_FLOOR = 80.0
+
+
+def _raise_small_logits(logits: torch.Tensor, softmax: OnlineSoftmax) -> torch.Tensor:
+    """
+    Raises logits below (running row max - 80) to that value, in place: their weights, under e^-80 = 1.8e-35 of the
+    largest, change no float32 result (N of them add under N * 1.8e-35 relative), but exp of very negative numbers
+    takes a slow underflow path on CPUs (about 8x slower than exp of moderate ones).
+    """
+    row_max = logits.amax(dim=-1)
+    if softmax.max is not None:
+        row_max = torch.maximum(row_max, softmax.max)
+    return torch.maximum(logits, (row_max - _LOGIT_FLOOR).unsqueeze(-1), out=logits)
 
 
 @dataclass
@@ -28,7 +42,7 @@ class LocalityMask:
     """The mask of one noise level, prepared for the distance computation (see `PCALocalityDenoiser.locality_mask`)."""
 
     mask: torch.Tensor  # [D, D] bool (binarised) or float32 (soft R)
-    tiles: list  # [(p_idx [P], q_idx [K] or None, sub_mask float32 [K, P], complement)], sub_mask = -(1 - M) if complement
+    tiles: list  # [(p_idx [P], q_idx [K] or None, M^T float32 [P, K], complement)], -(1 - M)^T if complement
     nonzero_fraction: float  # share of non-zero mask entries
     all_ones: bool  # the mask is all ones: the optimal denoiser
 
@@ -49,10 +63,13 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
     on `chunk_size` or on the order of the data). The reference implementation averages per-batch softmaxes, which is
     exact only when the whole data set is one batch.
 
-    Speed: the mask of a noise level is computed once and cached (a small LRU keyed by `a`). The query-only term
-    sum_q M[q, p] x_t[q]^2 does not depend on i and cancels in the softmax; the data-only term and the cross term are
-    GEMMs over tiles of output pixels restricted to the union of their columns' supports, so the work follows the
-    mask's non-zeros; an all-ones mask (high noise) is the optimal denoiser, one GEMM.
+    Speed: the mask of a noise level is computed once (one float64 D x D GEMM) and cached (an LRU of
+    `mask_cache_size` noise levels keyed by `a`). The query-only term sum_q M[q, p] x_t[q]^2 does not depend on i and
+    cancels in the softmax; the data-only term sum_q M[q, p] y_i[q]^2 is one GEMM per data chunk shared by the whole
+    batch, and the cross term sum_q x_t[q] M[q, p] y_i[q] is one GEMM `[B P, K] x [K, n]` per tile of output pixels:
+    B N D^2 multiply-adds at GEMM rate for a dense mask; when tiles of neighbouring pixels share a small support
+    (or a small complement support, for nearly full masks) only that support is read. An all-ones mask (high noise)
+    is the optimal denoiser: one `[B, D] x [D, n]` GEMM per chunk.
 
     Args:
         sample_size (`int` or `(int, int)`, defaults to 32): image height and width.
@@ -183,7 +200,11 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         if cached is not None:
             self._mask_cache.move_to_end(key)
             return cached
-        mask = pca_locality_mask(self.eigvecs, self.eigvals, float(alpha_prod), float(self.config.mask_threshold))
+        eigvecs, eigvals = self.eigvecs, self.eigvals
+        if eigvecs.device.type == "mps":  # no float64 there: build the mask on the CPU
+            eigvecs, eigvals = eigvecs.cpu(), eigvals.cpu()
+        mask = pca_locality_mask(eigvecs, eigvals, float(alpha_prod), float(self.config.mask_threshold))
+        mask = mask.to(self.eigvecs.device)
         entry = self._prepare_mask(mask, batch_size)
         self._mask_cache[key] = entry
         while len(self._mask_cache) > self.mask_cache_size:
@@ -203,7 +224,7 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             for p_idx, q_idx, complement in locality_tiles(mask, self.sample_shape, batch_size=batch_size, **tiling):
                 rows = mask[:, p_idx] if q_idx is None else mask[q_idx][:, p_idx]  # [K, P]
                 sub_mask = -(~rows).to(torch.float32) if complement else rows.to(torch.float32)
-                tiles.append((p_idx, q_idx, sub_mask, complement))
+                tiles.append((p_idx, q_idx, sub_mask.T.contiguous(), complement))
         return LocalityMask(mask, tiles, nonzero / mask.numel(), all_ones)
 
     # ------------------------------------------------------------------ the closed form
@@ -246,7 +267,7 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
                 y_c = y - mean  # [n, D]
                 # logits = (2 sqrt(a) x.y - a ||y||^2) / (2 (1 - a) tau); ||x||^2 cancels
                 logits = (x_c @ y_c.T).mul_(2.0 * sqrt_a).sub_(alpha_prod * y_c.square().sum(1)).mul_(scale)  # [B, n]
-                softmax.update(logits, lambda w, y_c=y_c: w @ y_c)
+                softmax.update(_raise_small_logits(logits, softmax), lambda w, y_c=y_c: w @ y_c)
             softmax = reduce_softmax_over_shards(self, softmax, (batch_size,), (x_t.shape[1],), x_t.device)
             return mean + softmax.result()
 
@@ -256,29 +277,27 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         #    logit[b, p, i] = (2 sqrt(a) cross - a data) / (2 (1 - a) tau)      (sum_q M x^2 cancels in the softmax)
         #    streamed through an online softmax per (b, p) with values y_i[p]. A complement tile holds -(1 - M):
         #    its logits are added to those of the full distance, (2 sqrt(a) x.y_i - a ||y_i||^2) / (2 (1 - a) tau).
-        tiles = []
-        needs_full = False
-        for p_idx, q_idx, sub_mask, complement in mask.tiles:
-            x_q = x_c if q_idx is None else x_c[:, q_idx]  # [B, K]
-            query = (x_q[:, None, :] * sub_mask.T[None]).reshape(-1, sub_mask.shape[0])  # [B P, K]
-            needs_full |= complement
-            tiles.append((p_idx, q_idx, query.mul_(2.0 * sqrt_a * scale), sub_mask.T * (alpha_prod * scale), complement))
-        softmaxes = [OnlineSoftmax() for _ in tiles]
+        # The [B P, K] query of a tile is rebuilt per chunk (B P K products against the GEMM's n B P K), so that
+        # only one tile's query is in memory at a time.
+        needs_full = any(complement for *_, complement in mask.tiles)
+        softmaxes = [OnlineSoftmax() for _ in mask.tiles]
         for _, y in image_chunks(self.images, chunk_size, indices=subset, device=x_t.device):
             y_c = y - mean  # [n, D]
             if needs_full:
                 full = (x_c @ y_c.T).mul_(2.0 * sqrt_a * scale).sub_(y_c.square().sum(1).mul_(alpha_prod * scale))  # [B, n]
-            for (p_idx, q_idx, query, data_weights, complement), softmax in zip(tiles, softmaxes):
+            for (p_idx, q_idx, mask_t, complement), softmax in zip(mask.tiles, softmaxes):
+                x_q = x_c if q_idx is None else x_c[:, q_idx]  # [B, K]
+                query = (x_q[:, None, :] * mask_t[None]).reshape(-1, mask_t.shape[1])  # x[b, q] M[q, p]  [B P, K]
                 y_q = y_c if q_idx is None else y_c[:, q_idx]  # [n, K]
-                logits = (query @ y_q.T).reshape(batch_size, len(p_idx), -1)  # [B, P, n]
-                logits.sub_(data_weights @ y_q.square().T)  # - a data / (2 (1 - a) tau)   [P, n] broadcast over B
+                logits = (query @ y_q.T).mul_(2.0 * sqrt_a * scale).reshape(batch_size, len(p_idx), -1)  # [B, P, n]
+                logits.sub_((mask_t @ y_q.square().T).mul_(alpha_prod * scale))  # a data / (2 (1 - a) tau)  [P, n]
                 if complement:
                     logits.add_(full[:, None, :])
                 values = y_c[:, p_idx].T  # y_i[p] - mu[p]  [P, n]
-                softmax.update(logits, lambda w, values=values: (w * values).sum(-1))
-        shapes = [((batch_size, len(p_idx)), ()) for p_idx, *_ in tiles]
+                softmax.update(_raise_small_logits(logits, softmax), lambda w, values=values: w.mul_(values).sum(-1))
+        shapes = [((batch_size, len(p_idx)), ()) for p_idx, *_ in mask.tiles]
         softmaxes = reduce_softmaxes_over_shards(self, softmaxes, shapes, x_t.device)  # data-parallel shards
         out = torch.empty_like(x_t)
-        for (p_idx, *_), softmax in zip(tiles, softmaxes):
+        for (p_idx, *_), softmax in zip(mask.tiles, softmaxes):
             out[:, p_idx] = softmax.result()
         return mean + out

@@ -466,10 +466,10 @@ def locality_tiles(
     mask: torch.Tensor,
     sample_shape: tuple[int, int, int],
     batch_size: int = 8,
-    max_tile_pixels: int = 1024,
+    max_tile_pixels: int = 512,
     gather_cost: float = 64.0,
     tile_overhead: float = 2e4,
-    sparse_advantage: float = 0.6,
+    sparse_advantage: float = 0.3,
     variants: tuple[str, ...] = ("dense", "direct", "complement"),
 ) -> list[tuple[torch.Tensor, torch.Tensor | None, bool]]:
     """
