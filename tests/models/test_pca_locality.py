@@ -113,8 +113,8 @@ def test_sparse_tilings_are_exact(patch_denoiser, variant, timesteps):
         mask = denoiser.locality_mask(alpha_prod).mask
         entry = denoiser._prepare_mask(mask, 2, variants=(variant,), max_tile_pixels=12)
         assert len(entry.tiles) == 64
-        assert all(q_idx is not None and complement == (variant == "complement") for _, q_idx, _, complement in entry.tiles)
-        assert sum(len(q_idx) for _, q_idx, _, _ in entry.tiles) < len(entry.tiles) * mask.shape[0]  # really sparse
+        assert all(q_idx is not None and complement == (variant == "complement") for _, q_idx, complement in entry.tiles)
+        assert sum(len(q_idx) for _, q_idx, _ in entry.tiles) < len(entry.tiles) * mask.shape[0]  # really sparse
         x_t = noisy(images, alpha_prod, generator, 2)
         out = denoiser._denoise_group(x_t, alpha_prod, 1 - alpha_prod, mask=entry)
         assert rel_err(out, reference_x0(images, x_t, alpha_prod, mask.double())) <= 1e-4, (t, variant)

@@ -505,6 +505,10 @@ def locality_tiles(
     best_cost = float("inf")
     if "dense" in variants:
         best_cost = sparse_advantage * (dim * dim * (batch_size + 1) + tile_overhead * len(best))
+        # every column reads at least its own support: skip the search when even that cannot beat dense
+        nonzero = int(mask.sum())
+        if min(nonzero, dim * dim - nonzero) * (batch_size + 1) >= best_cost:
+            return best
     pixel_index = torch.arange(dim, device=device).reshape(channels, height, width)
     side = 1
     while side < max(height, width) and channels * (2 * side) ** 2 <= max_tile_pixels:
