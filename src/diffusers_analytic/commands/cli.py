@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from . import build, fit, generate, push
@@ -27,10 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from diffusers.utils import logging
+def _show_package_info_logs() -> None:
+    """The package's loggers (`diffusers_analytic.*`) report progress at INFO on stderr; diffusers stays at WARNING."""
+    package_logger = logging.getLogger("diffusers_analytic")
+    package_logger.setLevel(logging.INFO)
+    if not package_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[diffusers-analytic] %(message)s"))
+        package_logger.addHandler(handler)
+        package_logger.propagate = False
 
-    logging.set_verbosity_info()
+
+def main(argv: list[str] | None = None) -> int:
+    _show_package_info_logs()
     args = build_parser().parse_args(argv)
     try:
         SUBCOMMANDS[args.command].run(args)
