@@ -3,6 +3,9 @@
 __version__ = "0.1.0"
 
 from .data import ImageSet, iter_image_batches, load_builtin, load_image_dataset
+from .models.denoiser_nearest import NearestDatasetDenoiser
+from .models.denoiser_optimal import OptimalDenoiser
+from .models.denoiser_smoothed_cfdm import SmoothedCFDMDenoiser
 from .models.denoiser_wiener import WienerDenoiser
 from .models.modeling_analytic import AnalyticDenoiserMixin, AnalyticDenoiserOutput
 from .pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline, AnalyticPipelineOutput
@@ -15,6 +18,9 @@ __all__ = [
     "AnalyticPipelineOutput",
     "DENOISERS",
     "ImageSet",
+    "NearestDatasetDenoiser",
+    "OptimalDenoiser",
+    "SmoothedCFDMDenoiser",
     "WienerDenoiser",
     "get_denoiser_class",
     "iter_image_batches",

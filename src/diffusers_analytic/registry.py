@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from .models.denoiser_nearest import NearestDatasetDenoiser
+from .models.denoiser_optimal import OptimalDenoiser
+from .models.denoiser_smoothed_cfdm import SmoothedCFDMDenoiser
 from .models.denoiser_wiener import WienerDenoiser
 
 DENOISERS = {
     "wiener": WienerDenoiser,
+    "optimal": OptimalDenoiser,
+    "scfdm": SmoothedCFDMDenoiser,
+    "nearest_dataset": NearestDatasetDenoiser,
 }
 
 

@@ -1,4 +1,14 @@
+from .denoiser_nearest import NearestDatasetDenoiser
+from .denoiser_optimal import OptimalDenoiser
+from .denoiser_smoothed_cfdm import SmoothedCFDMDenoiser
 from .denoiser_wiener import WienerDenoiser
 from .modeling_analytic import AnalyticDenoiserMixin, AnalyticDenoiserOutput
 
-__all__ = ["AnalyticDenoiserMixin", "AnalyticDenoiserOutput", "WienerDenoiser"]
+__all__ = [
+    "AnalyticDenoiserMixin",
+    "AnalyticDenoiserOutput",
+    "NearestDatasetDenoiser",
+    "OptimalDenoiser",
+    "SmoothedCFDMDenoiser",
+    "WienerDenoiser",
+]
