@@ -241,7 +241,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=sorted(DENOISERS), choices=sorted(DENOISERS))
     parser.add_argument(
-        "--num-patches", type=int, nargs="+", default=[2000],
+        "--num-patches", type=int, nargs="*", default=[2000],
         help="sizes N of the 32x32x3 patch sets for every method (add 10000 50000 for the long run)",
     )
     parser.add_argument(

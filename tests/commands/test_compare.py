@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,8 +12,6 @@ from PIL import Image
 from diffusers_analytic import AnalyticDDIMPipeline, WienerDenoiser, load_builtin
 from diffusers_analytic.commands.cli import main
 from diffusers_analytic.utils.seeding import generator_for_index
-
-SRC = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "src")
 
 
 def tiny_unet() -> UNet2DModel:
@@ -46,14 +42,12 @@ def folders(tmp_path_factory):
 
 def test_compare_end_to_end(folders, tmp_path):
     out = tmp_path / "out"
-    command = [
-        sys.executable, "-m", "diffusers_analytic", "compare", str(folders / "wiener"), str(folders / "trained"),
-        "--output-dir", str(out), "--num-inference-steps", "4", "--num-samples", "5", "--batch-size", "3",
-        "--grid-samples", "3", "--seed", "11", "--device", "cpu",
-    ]
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr
+    code = main([
+        "compare", str(folders / "wiener"), str(folders / "trained"), "--output-dir", str(out),
+        "--num-inference-steps", "4", "--num-samples", "5", "--batch-size", "3", "--grid-samples", "3", "--seed", "11",
+        "--device", "cpu",
+    ])
+    assert code == 0
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["timesteps"] == [750, 500, 250, 0]
