@@ -8,7 +8,13 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging
 
-from .functional import StoredImageStats, collect_images, image_storage, posterior_mean
+from .functional import (
+    StoredImageStats,
+    collect_images,
+    image_storage,
+    posterior_mean,
+    posterior_mean_over_neighbors,
+)
 from .knn import INDEX_TYPES, NeighborIndex
 from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive
 
@@ -143,20 +149,14 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             )
             return x0_hat.reshape(x_t.shape)
 
-        # Top-k: the k nearest images of x'/sqrt(a) (same ranking as ||x_t - sqrt(a) y_i||), then the exact
-        # logits over those k only. At a = 0 every image is equally far; the query is then x' itself.
-        mean = stats[0]
+        # Top-k: the k nearest images of x_t / sqrt(a) (the ranking of ||x_t - sqrt(a) y_i||), then the exact
+        # logits over those k only. (At a = 0 every image is equally far, and any k are as good as any other.)
         sqrt_a = alpha_prod_t.double().sqrt().clamp(min=1e-30).float()[:, None]
-        queries = (x_flat - sqrt_a * mean) / sqrt_a  # [B, D]
         neighbours = self._neighbors.search(
-            queries, config.num_neighbors, self.images, mean, config.chunk_size, config.faiss_index,
+            x_flat / sqrt_a, config.num_neighbors, self.images, config.chunk_size, config.faiss_index,
             config.ivf_threshold, config.ivf_nprobe, labels=self.labels, class_labels=class_labels,
         )
-        x0_hat = torch.stack([
-            posterior_mean(
-                x_flat[b : b + 1], alpha_prod_t[b : b + 1], beta_prod_t[b : b + 1], self.images, stats,
-                config.chunk_size, config.temperature, indices=neighbours[b],
-            )[0]
-            for b in range(len(x_t))
-        ])  # [B, D]
+        x0_hat = posterior_mean_over_neighbors(
+            x_flat, alpha_prod_t, beta_prod_t, self.images, stats, neighbours, config.chunk_size, config.temperature
+        )  # [B, D]
         return x0_hat.reshape(x_t.shape)

@@ -11,7 +11,13 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from .functional import StoredImageStats, collect_images, image_storage, posterior_mean
+from .functional import (
+    StoredImageStats,
+    collect_images,
+    image_storage,
+    posterior_mean,
+    posterior_mean_over_neighbors,
+)
 from .knn import INDEX_TYPES, NeighborIndex
 from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive
 
@@ -125,19 +131,14 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
                 x_flat, alpha_prod_t, beta_prod_t, self.images, stats, config.chunk_size, config.temperature,
                 labels=self.labels, class_labels=class_labels,
             )
-        mean = stats[0]
         sqrt_a = alpha_prod_t.double().sqrt().clamp(min=1e-30).float()[:, None]
         neighbours = self._neighbors.search(
-            (x_flat - sqrt_a * mean) / sqrt_a, config.num_neighbors, self.images, mean, config.chunk_size,
+            x_flat / sqrt_a, config.num_neighbors, self.images, config.chunk_size,
             config.faiss_index, config.ivf_threshold, config.ivf_nprobe, labels=self.labels, class_labels=class_labels,
         )
-        return torch.stack([
-            posterior_mean(
-                x_flat[b : b + 1], alpha_prod_t[b : b + 1], beta_prod_t[b : b + 1], self.images, stats,
-                config.chunk_size, config.temperature, indices=neighbours[b],
-            )[0]
-            for b in range(len(x_flat))
-        ])
+        return posterior_mean_over_neighbors(
+            x_flat, alpha_prod_t, beta_prod_t, self.images, stats, neighbours, config.chunk_size, config.temperature
+        )
 
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
         # Notation: alpha_prod_t -> a, beta_prod_t -> 1 - a, num_noise -> M, smoothing_std -> sigma_s.

@@ -39,6 +39,9 @@ class OnlineSoftmax:
         # -inf rows (no finite logit yet) must not produce inf - inf.
         safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
         weights = torch.exp(logits - safe_max.unsqueeze(-1))
+        # Flush weights below the smallest normal float to 0 (relative change < 1e-37): subnormal operands make CPU
+        # GEMMs in `weighted_sum` 5-10x slower.
+        weights.masked_fill_(weights < torch.finfo(weights.dtype).tiny, 0.0)
         chunk_sum = weights.sum(dim=-1)
         chunk_acc = weighted_sum(weights)
         if self.max is None:
@@ -136,12 +139,16 @@ def image_chunks(
 
 # ---------------------------------------------------------------------------------------------- data-holding denoisers
 # The optimal (empirical Bayes), smoothed CFDM and nearest-dataset denoisers keep the training images y_1 .. y_N as a
-# buffer and stream over it in chunks. The math below is shared by importing these functions.
+# buffer and stream over it in chunks; the math below is shared by importing these functions.
 #
-# Centring. Distances are invariant to a common shift: ||x_t - sqrt(a) y_i|| = ||x' - sqrt(a) y'_i|| with
-# x' = x_t - sqrt(a) mu and y'_i = y_i - mu (mu the data mean). The GEMM form of the distance cancels large terms,
-# ||x'||^2 - 2 sqrt(a) x'.y'_i + a ||y'_i||^2, so working with centred vectors (smaller norms) keeps float32 rounding
-# of the logits small; the centring is fused into the uint8 -> float conversion and costs nothing extra.
+# Streaming form of the logits. With mu the data mean, x' = x_t - sqrt(a) mu and y'_i = y_i - mu,
+#     -||x_t - sqrt(a) y_i||^2 / (2 (1 - a) tau) = c1 x'.y'_i - c2 ||y'_i||^2 + (terms without i),
+#     c1 = sqrt(a) / ((1 - a) tau),   c2 = a / (2 (1 - a) tau),
+# and terms without i cancel in the softmax. A stored value r (uint8 0..255, or a float in model space) maps to
+# y = s r + o (uint8: s = 1/127.5, o = -1; floats: s = 1, o = 0), so x'.y'_i = s x'.r_i + (terms without i): the GEMM
+# runs on the stored values cast to float32 (no per-element affine pass, and float32 storage is used in place), and
+# sum_i w_i y_i = s sum_i w_i r_i + o for normalized weights. Centring x_t and the norms on mu keeps the magnitudes,
+# and so the float32 rounding of the logits, small.
 
 
 def image_storage(num_images: int, shape: tuple[int, int, int], storage_dtype: str) -> torch.Tensor:
@@ -151,6 +158,15 @@ def image_storage(num_images: int, shape: tuple[int, int, int], storage_dtype: s
     if int(num_images) < 1:
         raise ValueError(f"`num_images` must be a positive integer, got {num_images}.")
     return torch.zeros(int(num_images), *shape, dtype=STORAGE_DTYPES[storage_dtype])
+
+
+def storage_affine(dtype: torch.dtype) -> tuple[float, float]:
+    """`(s, o)` with model-space value y = s r + o for a stored value r: `(1/127.5, -1)` for uint8, `(1, 0)` else."""
+    return (1.0 / 127.5, -1.0) if dtype == torch.uint8 else (1.0, 0.0)
+
+
+def buffer_key(images: torch.Tensor) -> tuple:
+    return (images.data_ptr(), images.device, images.dtype, tuple(images.shape), images._version)
 
 
 class StoredImageStats:
@@ -169,7 +185,7 @@ class StoredImageStats:
 
     def get(self, images: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`(mean [D], sq_norms [N])` of `images` `[N, C, H, W]`, computed at first use after a change."""
-        key = (images.data_ptr(), images.device, images.dtype, tuple(images.shape), images._version)
+        key = buffer_key(images)
         if key != self._key:
             total = torch.zeros(images[0].numel(), dtype=torch.float64, device=images.device)
             for _, chunk in image_chunks(images, chunk_size):
@@ -182,41 +198,44 @@ class StoredImageStats:
         return self.mean, self.sq_norms
 
 
-def centered_chunks(
-    images: torch.Tensor, mean: torch.Tensor, chunk_size: int, indices: torch.Tensor | None = None
+def stored_chunks(
+    images: torch.Tensor, chunk_size: int, indices: torch.Tensor | None = None
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """
-    Yields `(offset, y' chunk)`, the chunk float32 `[n, D]` = model-space images minus `mean`, converted from the
-    stored dtype in one pass into one reused buffer (so memory is one chunk whatever N). The chunk is overwritten by
-    the next one: use it before advancing. `indices` selects a subset; offsets index into it.
+    Yields `(offset, r)`: the stored values of `chunk_size` images as float32 `[n, D]` (uint8 values stay 0..255; map
+    to model space with [`storage_affine`]). float32 storage is yielded in place (no copy); other dtypes are cast
+    into one reused buffer, so memory is one chunk whatever N, and each chunk is overwritten by the next: use it
+    before advancing. `indices` selects a subset; offsets index into it.
     """
     if chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
     total = len(images) if indices is None else len(indices)
     flat = images.reshape(len(images), -1)
-    buffer = torch.empty(min(chunk_size, total), flat.shape[1], dtype=torch.float32, device=images.device)
-    shift = -1.0 - mean  # uint8 v -> v / 127.5 - 1 - mu, one fused pass  [D]
+    buffer = None
     for start in range(0, total, chunk_size):
         stop = min(start + chunk_size, total)
         stored = flat[start:stop] if indices is None else flat[indices[start:stop]]
+        if stored.dtype == torch.float32:
+            yield start, stored
+            continue
+        if buffer is None:
+            buffer = torch.empty(min(chunk_size, total), flat.shape[1], dtype=torch.float32, device=images.device)
         chunk = buffer[: stop - start]
-        if stored.dtype == torch.uint8:
-            torch.add(shift, stored, alpha=1.0 / 127.5, out=chunk)
-        else:
-            torch.sub(stored, mean, out=chunk)
+        chunk.copy_(stored)
         yield start, chunk
 
 
-def _logit_coefficients(alpha_prod: torch.Tensor, beta_prod: torch.Tensor, temperature: float):
+def logit_coefficients(
+    alpha_prod: torch.Tensor, beta_prod: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    The logits -||x' - sqrt(a) y'||^2 / (2 (1 - a) tau), less the x-only term, are
-    c1 (x'.y') - c2 ||y'||^2 with c1 = sqrt(a) / ((1 - a) tau), c2 = a / (2 (1 - a) tau): float64 -> float32 `[B, 1]`.
-    1 - a is floored at 1e-20 so that a schedule with 1 - a = 0 gives a one-hot (nearest image) posterior, not NaN.
+    `(c1, c2)` = `(sqrt(a) / ((1 - a) tau), a / (2 (1 - a) tau))`, computed in float64 and returned as float32 `[B]`.
+    1 - a is floored at 1e-20 so that 1 - a = 0 gives a one-hot (nearest image) posterior instead of NaN.
     """
     scale = 1.0 / (2.0 * beta_prod.double().clamp(min=1e-20) * temperature)  # 1 / (2 (1 - a) tau)
     c1 = 2.0 * alpha_prod.double().sqrt() * scale
     c2 = alpha_prod.double() * scale
-    return c1.float()[:, None], c2.float()
+    return c1.float(), c2.float()
 
 
 def posterior_mean(
@@ -229,7 +248,6 @@ def posterior_mean(
     temperature: float = 1.0,
     labels: torch.Tensor | None = None,
     class_labels: torch.Tensor | None = None,
-    indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""
     The posterior mean under the empirical distribution of `images` (DESIGN.md section 2, "Optimal"):
@@ -237,7 +255,8 @@ def posterior_mean(
         w_i = softmax_i( -||x_t - sqrt(a) y_i||^2 / (2 (1 - a) tau) ),   x0_hat = sum_i w_i y_i
 
     exact, streamed over chunks of `chunk_size` images with an online softmax: per chunk one GEMM for the logits and
-    one for the weighted sum; extra memory O(B * chunk_size + chunk_size * D) whatever N.
+    one for the weighted sum; extra memory O(B * chunk_size + chunk_size * D) whatever N. Equal to the one-shot
+    softmax over all N to float32 rounding, for any chunk size.
 
     Args:
         x_t (`torch.Tensor`): float32 `[B, D]`.
@@ -248,34 +267,87 @@ def posterior_mean(
         temperature (`float`): tau > 0; 1 is the exact posterior.
         labels, class_labels (`torch.Tensor`, *optional*): stored labels `[N]` and one label per sample `[B]`:
             sample b's posterior is restricted to the images of its class (other logits are -inf).
-        indices (`torch.Tensor`, *optional*): restrict the sum to these images (e.g. the top-k neighbours).
 
     Returns:
         `torch.Tensor`: x0_hat, float32 `[B, D]`.
     """
     mean, sq_norms = stats
-    if indices is not None:
-        sq_norms = sq_norms[indices]
-        labels = None if labels is None else labels[indices]
-    c1, c2 = _logit_coefficients(alpha_prod, beta_prod, temperature)
-    sqrt_a = alpha_prod.double().sqrt().float()[:, None]
-    # 1. Centre and pre-scale the query: c1 x', x' = x_t - sqrt(a) mu.
-    query = (x_t - sqrt_a * mean) * c1  # [B, D]
-    neg_c2 = -c2.to(x_t.device)  # [B]
+    scale, offset = storage_affine(images.dtype)
+    c1, c2 = logit_coefficients(alpha_prod, beta_prod, temperature)
+    c1, neg_c2 = c1.to(x_t.device), -c2.to(x_t.device)  # [B]
+    sqrt_a = alpha_prod.double().sqrt().float().to(x_t.device)  # [B]
+    # 1. The query c1 s x', with x' = x_t - sqrt(a) mu.
+    query = (x_t - sqrt_a[:, None] * mean) * (c1 * scale)[:, None]  # [B, D]
     if class_labels is not None:
         class_labels = class_labels.to(x_t.device)
     softmax = OnlineSoftmax()
-    for start, chunk in centered_chunks(images, mean, chunk_size, indices):
-        # 2. logits_i = c1 x'.y'_i - c2 ||y'_i||^2 (||x'||^2 is constant over i and cancels).
+    for start, chunk in stored_chunks(images, chunk_size):
+        # 2. logits_i = c1 s x'.r_i - c2 ||y'_i||^2 (terms without i cancel in the softmax).
         logits = query @ chunk.T  # [B, n]
         logits.addr_(neg_c2, sq_norms[start : start + len(chunk)])
         if class_labels is not None:
             other_class = labels[start : start + len(chunk)][None, :] != class_labels[:, None]  # [B, n]
             logits.masked_fill_(other_class, float("-inf"))
-        # 3. Online softmax: running max, running sum, running sum_i w_i y'_i.
-        softmax.update(logits, lambda weights, chunk=chunk: weights @ chunk)
-    # 4. x0_hat = sum_i w_i y'_i + mu (the weights sum to 1).
-    return softmax.result() + mean
+        # 3. Online softmax: running max m, running sum s = sum_i e^(l_i - m), running sum_i e^(l_i - m) r_i.
+        softmax.update(logits, lambda weights, chunk=chunk: _sparse_weighted_sum(weights, chunk))
+    # 4. x0_hat = sum_i w_i y_i = s (sum_i w_i r_i) + o.
+    x0_hat = softmax.result()  # [B, D]
+    if scale != 1.0 or offset != 0.0:
+        x0_hat = x0_hat.mul_(scale).add_(offset)
+    return x0_hat
+
+
+def posterior_mean_over_neighbors(
+    x_t: torch.Tensor,
+    alpha_prod: torch.Tensor,
+    beta_prod: torch.Tensor,
+    images: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor],
+    neighbors: torch.Tensor,
+    chunk_size: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """
+    [`posterior_mean`] with each sample's softmax restricted to its own candidate images: `neighbors` int64 `[B, k]`
+    (indices into `images`; -1 marks an empty slot). The same logits, batched over samples and streamed over the k
+    candidates in slices of `max(1, chunk_size // B)` (memory about one chunk, as in the exact path). Returns
+    float32 `[B, D]`.
+    """
+    mean, sq_norms = stats
+    batch_size, k = neighbors.shape
+    scale, offset = storage_affine(images.dtype)
+    c1, c2 = logit_coefficients(alpha_prod, beta_prod, temperature)
+    c1, neg_c2 = c1.to(x_t.device), -c2.to(x_t.device)  # [B]
+    sqrt_a = alpha_prod.double().sqrt().float().to(x_t.device)  # [B]
+    query = (x_t - sqrt_a[:, None] * mean) * (c1 * scale)[:, None]  # c1 s x'  [B, D]
+    flat = images.reshape(len(images), -1)
+    neighbors = neighbors.to(x_t.device)
+    step = max(1, chunk_size // batch_size)
+    softmax = OnlineSoftmax()
+    for start in range(0, k, step):
+        ids = neighbors[:, start : start + step]  # [B, n]
+        valid = ids >= 0
+        safe_ids = ids.clamp(min=0)
+        chunk = flat[safe_ids].to(torch.float32)  # r  [B, n, D]
+        logits = torch.bmm(chunk, query[:, :, None]).squeeze(-1) + neg_c2[:, None] * sq_norms[safe_ids]  # [B, n]
+        logits.masked_fill_(~valid, float("-inf"))
+        softmax.update(logits, lambda weights, chunk=chunk: torch.bmm(weights[:, None, :], chunk).squeeze(1))
+    x0_hat = softmax.result()  # [B, D]
+    if scale != 1.0 or offset != 0.0:
+        x0_hat = x0_hat.mul_(scale).add_(offset)
+    return x0_hat
+
+
+def _sparse_weighted_sum(weights: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    """
+    `weights @ chunk` (`[B, n] @ [n, D]`), skipping the images whose weight is exactly 0 for every row (underflowed:
+    at all but the highest noise levels the posterior is peaked and most of a chunk drops out). Exact.
+    """
+    if weights.device.type == "cpu":
+        active = torch.nonzero(weights.amax(dim=0) > 0).flatten()  # [k]
+        if len(active) <= len(chunk) // 2:
+            return weights[:, active] @ chunk[active]  # [B, D]
+    return weights @ chunk  # [B, D]
 
 
 def nearest_indices(
@@ -288,20 +360,21 @@ def nearest_indices(
     class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
-    `argmin_i ||x_t - sqrt(a) y_i||^2` for each row of `x_t` float32 `[B, D]`, exact, streamed over chunks (the
-    score a ||y'_i||^2 - 2 sqrt(a) x'.y'_i differs from the squared distance by a per-row constant). With
-    `labels` / `class_labels`, only images of each sample's class compete. Returns int64 `[B]` (ties: lowest index).
+    `argmin_i ||x_t - sqrt(a) y_i||^2` for each row of `x_t` float32 `[B, D]`, exact, streamed over chunks: the score
+    a ||y'_i||^2 - 2 sqrt(a) s x'.r_i differs from the squared distance by a per-row constant (notation above).
+    With `labels` / `class_labels`, only images of each sample's class compete. Returns int64 `[B]`.
     """
     mean, sq_norms = stats
-    a = alpha_prod.double()
-    two_sqrt_a = (2.0 * a.sqrt()).float()[:, None]
-    query = (x_t - (a.sqrt().float()[:, None]) * mean) * two_sqrt_a  # 2 sqrt(a) x'  [B, D]
-    a32 = a.float().to(x_t.device)
+    scale, _ = storage_affine(images.dtype)
+    a = alpha_prod.double().to(x_t.device)
+    sqrt_a = a.sqrt()
+    query = (x_t - sqrt_a.float()[:, None] * mean) * (2.0 * sqrt_a * scale).float()[:, None]  # 2 sqrt(a) s x'  [B, D]
+    a32 = a.float()
     if class_labels is not None:
         class_labels = class_labels.to(x_t.device)
     best_score = torch.full((len(x_t),), float("inf"), device=x_t.device)
     best_index = torch.zeros(len(x_t), dtype=torch.int64, device=x_t.device)
-    for start, chunk in centered_chunks(images, mean, chunk_size):
+    for start, chunk in stored_chunks(images, chunk_size):
         scores = torch.outer(a32, sq_norms[start : start + len(chunk)]) - query @ chunk.T  # [B, n]
         if class_labels is not None:
             other_class = labels[start : start + len(chunk)][None, :] != class_labels[:, None]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from diffusers.utils import logging
 
-from .functional import centered_chunks
+from .functional import buffer_key, image_chunks
 
 logger = logging.get_logger(__name__)
 
@@ -39,7 +39,6 @@ def import_faiss():
 
 def build_index(
     images: torch.Tensor,
-    mean: torch.Tensor,
     chunk_size: int,
     index_type: str = "auto",
     ivf_threshold: int = 100_000,
@@ -47,8 +46,8 @@ def build_index(
     indices: torch.Tensor | None = None,
 ):
     """
-    A FAISS L2 index over the centred images y'_i = y_i - mu (all of them, or the subset `indices`), added chunk by
-    chunk. FAISS holds its own float32 copy: N * D * 4 bytes.
+    A FAISS L2 index over the model-space images y_i (all of them, or the subset `indices`), added chunk by chunk.
+    FAISS holds its own float32 copy: N * D * 4 bytes.
     """
     faiss = import_faiss()
     if index_type not in INDEX_TYPES:
@@ -64,13 +63,13 @@ def build_index(
         step = max(1, count // (256 * nlist))
         sample_positions = torch.arange(0, count, step)
         sample_indices = sample_positions if indices is None else indices[sample_positions]
-        training = torch.cat([chunk.cpu().clone() for _, chunk in centered_chunks(images, mean, chunk_size, sample_indices)])
+        training = torch.cat([chunk.cpu() for _, chunk in image_chunks(images, chunk_size, sample_indices)])
         index.train(np.ascontiguousarray(training.numpy()))
     else:
         index = faiss.IndexFlatL2(dim)
     if faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_all_gpus(index)
-    for _, chunk in centered_chunks(images, mean, chunk_size, indices):
+    for _, chunk in image_chunks(images, chunk_size, indices):
         index.add(np.ascontiguousarray(chunk.cpu().numpy()))
     logger.info(f"Built a FAISS {'IVF' if use_ivf else 'flat'} index over {count} images.")
     return index
@@ -91,34 +90,34 @@ class NeighborIndex:
         queries: torch.Tensor,
         k: int,
         images: torch.Tensor,
-        mean: torch.Tensor,
         chunk_size: int,
         index_type: str,
         ivf_threshold: int,
         ivf_nprobe: int,
         labels: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
-    ) -> list[torch.Tensor]:
+    ) -> torch.Tensor:
         """
-        The (up to) k nearest stored images of each query row (float32 `[B, D]`, centred: x'/sqrt(a)) as a list of
-        B int64 index tensors into the full buffer; with `class_labels`, among the images of each sample's class.
+        The (up to) k nearest stored images of each query row (float32 `[B, D]`, x_t / sqrt(a)) as int64 `[B, k]`
+        indices into the full buffer, -1 where fewer than k were found (IVF, or a class with fewer than k images);
+        with `class_labels`, among the images of each sample's class.
         """
-        key = (images.data_ptr(), images.device, images.dtype, tuple(images.shape), images._version)
+        key = buffer_key(images)
         if key != self._key:
             self._indices, self._key = {}, key
         groups = [None] if class_labels is None else sorted(set(class_labels.tolist()))
-        found: list[torch.Tensor | None] = [None] * len(queries)
+        found = torch.full((len(queries), k), -1, dtype=torch.int64)
         for group in groups:
             if group not in self._indices:
-                members = None if group is None else torch.nonzero(labels.cpu() == group).flatten().to(images.device)
-                index = build_index(images, mean, chunk_size, index_type, ivf_threshold, ivf_nprobe, members)
+                members = None if group is None else torch.nonzero(labels.cpu() == group).flatten()
+                index = build_index(images, chunk_size, index_type, ivf_threshold, ivf_nprobe, members)
                 self._indices[group] = (index, members)
             index, members = self._indices[group]
-            rows = list(range(len(queries))) if group is None else torch.nonzero(class_labels == group).flatten().tolist()
+            rows = torch.arange(len(queries)) if group is None else torch.nonzero(class_labels.cpu() == group).flatten()
             group_k = min(k, index.ntotal)
-            _, neighbours = index.search(np.ascontiguousarray(queries[rows].cpu().numpy()), group_k)
-            neighbours = torch.from_numpy(neighbours)
-            for row, ids in zip(rows, neighbours):
-                ids = ids[ids >= 0].to(images.device)  # IVF may find fewer than k
-                found[row] = ids if members is None else members[ids]
-        return found
+            _, neighbours = index.search(np.ascontiguousarray(queries[rows.to(queries.device)].cpu().numpy()), group_k)
+            neighbours = torch.from_numpy(neighbours).long()  # [rows, group_k], -1 = not found
+            if members is not None:
+                neighbours = torch.where(neighbours >= 0, members[neighbours.clamp(min=0)], neighbours)
+            found[rows, :group_k] = neighbours
+        return found.to(images.device)

@@ -1,0 +1,199 @@
+"""Per-call time and peak memory of the exact optimal denoiser on natural-image patches, against the GEMM floor.
+
+Each call of the exact path does two GEMMs over all N images (logits, then the weighted sum): 4 B N D flops. The
+floor is that count over this machine's float32 matmul rate, measured in the same run (a square matmul with the
+same threads). "fraction" = floor / measured time (1.0 = as fast as a big square GEMM). Peak memory is the growth of
+the peak RSS during one call (Linux `/proc/self/clear_refs` + `VmHWM`), measured in a child process that runs with
+`MALLOC_MMAP_THRESHOLD_=65536` so that freed buffers go back to the OS and RSS tracks live memory; it is compared
+with the bound one chunk + O(B chunk + B D) ("bound MB"; the stored images themselves are not counted in either).
+
+The top-k rows (`num_neighbors=k`, FAISS flat index) report the relative error against the exact result, which is
+what top-k costs in accuracy at high noise, where the posterior is broad.
+
+    python benchmarks/bench_optimal.py                       # N = 2000, 10000, 50000; B = 8, 64
+    python benchmarks/bench_optimal.py --num-images 10000 --batch-sizes 8 --storage-dtypes uint8
+
+Results: a table on stdout and `benchmarks/results/bench_optimal.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+import diffusers_analytic as da
+
+REFERENCE_SECONDS = 0.44  # the research reference's exact optimal denoiser, N = 10000, D = 3072, B = 8 (DESIGN.md)
+D = 3 * 32 * 32
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-images", type=int, nargs="+", default=[2000, 10000, 50000])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[999, 500], help="999: broad (dense) posterior")
+    parser.add_argument("--storage-dtypes", nargs="+", default=["uint8", "float32"], choices=["uint8", "float16", "float32"])
+    parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per setting (the minimum is reported)")
+    parser.add_argument("--top-k", type=int, nargs="*", default=[200], help="k of the top-k rows (none: skip)")
+    parser.add_argument("--top-k-max-images", type=int, default=10000, help="top-k rows only up to this N")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "bench_optimal.json"))
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the child process
+    return parser.parse_args()
+
+
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    """float32 GFLOP/s of a square matmul (best of `repeats`)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return -1
+
+
+def peak_extra_memory_mb(fn) -> float | None:
+    """Growth of the peak RSS while `fn` runs, in MB (None where /proc/self/clear_refs is unavailable)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return None
+    before = _rss_kib("VmRSS:")
+    fn()
+    return (_rss_kib("VmHWM:") - before) / 1024
+
+
+def settings(args):
+    """(N, patches, storage, denoiser, B, x, t) for every timed setting, in table order."""
+    for num_images in args.num_images:
+        patches = da.load_builtin("patches", size=32, num_images=num_images)
+        for storage in args.storage_dtypes:
+            denoiser = da.OptimalDenoiser.from_dataset(patches, storage_dtype=storage, chunk_size=args.chunk_size)
+            denoiser.denoise(torch.randn(1, 3, 32, 32), 500)  # derived statistics (mean, norms) once
+            for batch_size in args.batch_sizes:
+                x = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+                for timestep in args.timesteps:
+                    yield num_images, patches, storage, denoiser, batch_size, x, timestep
+
+
+def measure_memory(args) -> None:
+    """Child process: peak extra memory (MB) of one call per setting, printed as one JSON list."""
+    peaks = [peak_extra_memory_mb(partial(den.denoise, x, t)) for _, _, _, den, _, x, t in settings(args)]
+    print(json.dumps(peaks))
+
+
+def memory_in_child(args) -> list:
+    argv = [sys.executable, __file__, "--memory-only", "--num-images", *map(str, args.num_images), "--batch-sizes",
+            *map(str, args.batch_sizes), "--timesteps", *map(str, args.timesteps), "--storage-dtypes",
+            *args.storage_dtypes, "--chunk-size", str(args.chunk_size)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_only:
+        measure_memory(args)
+        return
+    rate = matmul_rate()
+    rows = []
+    print(f"float32 matmul rate: {rate:.1f} GFLOP/s ({torch.get_num_threads()} threads, {platform.machine()})")
+    header = (
+        f"{'N':>6} {'B':>3} {'storage':>7} {'t':>4} {'mode':>8} {'ms/call':>9} {'floor ms':>9} {'fraction':>8} "
+        f"{'peak MB':>8} {'bound MB':>8} {'vs ref':>7} {'rel err':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for num_images, patches, storage, denoiser, batch_size, x, timestep in settings(args):
+        call = partial(denoiser.denoise, x, timestep)
+        exact = call()
+        seconds = min(_timed(call) for _ in range(args.repeats))
+        floor = 4 * batch_size * num_images * D / (rate * 1e9)
+        bound = (args.chunk_size * D * 4 + 4 * batch_size * args.chunk_size * 4 + 8 * batch_size * D * 4) / 2**20
+        row = {
+            "num_images": num_images, "batch_size": batch_size, "storage_dtype": storage, "timestep": timestep,
+            "mode": "exact", "seconds_per_call": seconds, "gemm_floor_seconds": floor,
+            "fraction_of_matmul_rate": floor / seconds, "peak_extra_mb": None, "chunk_bound_mb": bound,
+            "speedup_vs_reference": REFERENCE_SECONDS / seconds if num_images == 10000 and batch_size == 8 else None,
+            "relative_error_vs_exact": 0.0,
+        }
+        rows.append(row)
+        _print_row(row)
+        if storage != args.storage_dtypes[0] or num_images > args.top_k_max_images:
+            continue
+        for k in args.top_k:
+            top_k = da.OptimalDenoiser.from_dataset(
+                patches, storage_dtype=storage, chunk_size=args.chunk_size, num_neighbors=k
+            )
+            top_k.denoise(x, timestep)  # builds the FAISS index (not timed)
+            approx = top_k.denoise(x, timestep)
+            seconds = min(_timed(partial(top_k.denoise, x, timestep)) for _ in range(args.repeats))
+            error = ((approx - exact).norm() / exact.norm()).item()
+            row = {
+                "num_images": num_images, "batch_size": batch_size, "storage_dtype": storage,
+                "timestep": timestep, "mode": f"top{k}", "seconds_per_call": seconds,
+                "gemm_floor_seconds": None, "fraction_of_matmul_rate": None, "peak_extra_mb": None,
+                "chunk_bound_mb": None, "speedup_vs_reference": None, "relative_error_vs_exact": error,
+            }
+            rows.append(row)
+            _print_row(row)
+    print("peak memory (child process) ...", flush=True)
+    exact_rows = [row for row in rows if row["mode"] == "exact"]
+    for row, peak in zip(exact_rows, memory_in_child(args)):
+        row["peak_extra_mb"] = peak
+        print(f"{row['num_images']:>6} {row['batch_size']:>3} {row['storage_dtype']:>7} {row['timestep']:>4}  "
+              f"peak extra {peak:.1f} MB (bound {row['chunk_bound_mb']:.1f} MB)")
+    result = {
+        "matmul_gflops": rate, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(), "dim": D, "chunk_size": args.chunk_size, "reference_seconds": REFERENCE_SECONDS,
+        "torch": torch.__version__, "rows": rows,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; wrote {args.output}")
+
+
+def _print_row(row):
+    def fmt(value, pattern):
+        return "-" if value is None else pattern.format(value)
+
+    print(
+        f"{row['num_images']:>6} {row['batch_size']:>3} {row['storage_dtype']:>7} {row['timestep']:>4} {row['mode']:>8} "
+        f"{row['seconds_per_call'] * 1e3:>9.1f} {fmt(row['gemm_floor_seconds'] and row['gemm_floor_seconds'] * 1e3, '{:>9.1f}')} "
+        f"{fmt(row['fraction_of_matmul_rate'], '{:>8.2f}')} {fmt(row['peak_extra_mb'], '{:>8.1f}')} "
+        f"{fmt(row['chunk_bound_mb'], '{:>8.1f}')} {fmt(row['speedup_vs_reference'], '{:>6.1f}x')} "
+        f"{fmt(row['relative_error_vs_exact'], '{:>8.1e}')}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

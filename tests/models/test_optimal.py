@@ -1,0 +1,209 @@
+"""OptimalDenoiser: the streamed exact posterior mean against a float64 brute force of DESIGN.md's formula."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import diffusers_analytic as da
+from diffusers_analytic.models.functional import OnlineSoftmax
+
+TIMESTEPS = (999, 900, 500, 100, 30)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return da.load_builtin("digits")
+
+
+@pytest.fixture(scope="module")
+def digits_model_space(digits):
+    return digits.images.double().reshape(len(digits.images), -1) / 127.5 - 1.0  # y  [N, 64] float64
+
+
+def brute_force_optimal(x, alpha_prod, y, temperature=1.0):
+    """Float64 one-shot softmax: w_i = softmax(-||x - sqrt(a) y_i||^2 / (2 (1 - a) tau)), x0_hat = sum_i w_i y_i."""
+    x = x.double().reshape(len(x), -1)
+    a = torch.as_tensor(alpha_prod, dtype=torch.float64)
+    distances = ((x[:, None, :] - a.sqrt() * y[None]) ** 2).sum(-1)  # [B, N]
+    weights = torch.softmax(-distances / (2 * (1 - a) * temperature), dim=1)
+    return weights @ y
+
+
+def noisy_inputs(y, alpha_prod, batch_size, seed, from_data):
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch_size, y.shape[1], generator=generator, dtype=torch.float64)
+    if not from_data:
+        return noise.float()
+    index = torch.randint(0, len(y), (batch_size,), generator=generator)
+    return (alpha_prod.sqrt() * y[index] + (1 - alpha_prod).sqrt() * noise).float()
+
+
+def relative_error(out, ref):
+    return ((out.double().reshape(len(ref), -1) - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("from_data", [True, False], ids=["data+noise", "pure-noise"])
+@pytest.mark.parametrize("timestep", TIMESTEPS)
+def test_matches_float64_brute_force(digits, digits_model_space, timestep, from_data):
+    denoiser = da.OptimalDenoiser.from_dataset(digits, chunk_size=256)
+    a = denoiser.alphas_cumprod[timestep]
+    x = noisy_inputs(digits_model_space, a, 16, seed=timestep, from_data=from_data)
+    out = denoiser.denoise(x.reshape(16, 1, 8, 8), timestep)
+    assert out.dtype == torch.float32 and out.shape == (16, 1, 8, 8)
+    assert relative_error(out, brute_force_optimal(x, a, digits_model_space)) <= 1e-4
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1797])
+@pytest.mark.parametrize("timestep", [900, 100])
+def test_any_chunk_size_equals_full_softmax(digits, digits_model_space, chunk_size, timestep):
+    denoiser = da.OptimalDenoiser.from_dataset(digits, chunk_size=chunk_size)
+    a = denoiser.alphas_cumprod[timestep]
+    x = noisy_inputs(digits_model_space, a, 4, seed=1, from_data=True)
+    out = denoiser.denoise(x.reshape(4, 1, 8, 8), timestep)
+    assert relative_error(out, brute_force_optimal(x, a, digits_model_space)) <= 1e-4
+
+
+@pytest.mark.parametrize("temperature", [0.3, 2.5])
+def test_temperature_scales_logits(digits, digits_model_space, temperature):
+    denoiser = da.OptimalDenoiser.from_dataset(digits, temperature=temperature, chunk_size=100)
+    a = denoiser.alphas_cumprod[700]
+    x = noisy_inputs(digits_model_space, a, 8, seed=2, from_data=False)
+    out = denoiser.denoise(x.reshape(8, 1, 8, 8), 700)
+    ref = brute_force_optimal(x, a, digits_model_space, temperature)
+    assert relative_error(out, ref) <= 1e-4
+    # and the temperature matters: tau = 1 gives a different answer
+    assert relative_error(out, brute_force_optimal(x, a, digits_model_space)) > 1e-3
+
+
+def test_per_sample_timesteps_and_fractional(digits, digits_model_space):
+    denoiser = da.OptimalDenoiser.from_dataset(digits)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    timesteps = torch.tensor([10.0, 400.5, 990.0])
+    out = denoiser.denoise(x, timesteps)
+    alpha_prod, _ = denoiser.alpha_prod_at(timesteps)
+    for b in range(3):
+        ref = brute_force_optimal(x[b : b + 1], alpha_prod[b], digits_model_space)
+        assert relative_error(out[b : b + 1], ref) <= 1e-4
+
+
+def test_edge_noise_levels_are_finite_and_correct(digits, digits_model_space):
+    # 1 - a = 0 exactly (a schedule with a zero first beta): the posterior is the nearest image, not NaN.
+    betas = [0.0] + [0.02] * 9
+    denoiser = da.OptimalDenoiser.from_dataset(digits, num_train_timesteps=10, trained_betas=betas)
+    x = digits_model_space[:4].float().reshape(4, 1, 8, 8) + 0.01
+    out = denoiser.denoise(x, 0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double().reshape(4, -1), digits_model_space[:4], atol=1e-6, rtol=0)
+    # a = 0 (zero terminal SNR): every image weighs the same, the output is the data mean.
+    zero_snr = da.OptimalDenoiser.from_dataset(digits, rescale_betas_zero_snr=True)
+    assert zero_snr.alphas_cumprod[-1] == 0
+    out = zero_snr.denoise(torch.randn(2, 1, 8, 8), 999)
+    mean = digits_model_space.mean(0)
+    torch.testing.assert_close(out.double().reshape(2, -1), mean.expand(2, -1), atol=1e-5, rtol=0)
+
+
+def test_top_k_with_all_images_equals_exact(digits):
+    subset = da.ImageSet(digits.images[:300], digits.labels[:300])
+    exact = da.OptimalDenoiser.from_dataset(subset)
+    top_k = da.OptimalDenoiser.from_dataset(subset, num_neighbors=300)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    for timestep in (900, 300, 20):
+        torch.testing.assert_close(top_k.denoise(x, timestep), exact.denoise(x, timestep), atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_small_k_is_the_softmax_over_the_k_nearest(digits, digits_model_space):
+    denoiser = da.OptimalDenoiser.from_dataset(digits, num_neighbors=5)
+    a = denoiser.alphas_cumprod[300]
+    x = noisy_inputs(digits_model_space, a, 4, seed=5, from_data=True)
+    out = denoiser.denoise(x.reshape(4, 1, 8, 8), 300)
+    distances = ((x.double()[:, None] - a.sqrt() * digits_model_space[None]) ** 2).sum(-1)
+    for b in range(4):
+        nearest = distances[b].argsort()[:5]
+        ref = brute_force_optimal(x[b : b + 1], a, digits_model_space[nearest])
+        assert relative_error(out[b : b + 1], ref) <= 1e-4
+
+
+def test_uint8_storage_equals_float_storage(digits):
+    as_uint8 = da.OptimalDenoiser.from_dataset(digits)
+    as_float = da.OptimalDenoiser.from_dataset(digits.images.float() / 127.5 - 1.0)
+    as_half = da.OptimalDenoiser.from_dataset(digits, storage_dtype="float16")
+    assert as_uint8.images.dtype == torch.uint8 and as_uint8.config.storage_dtype == "uint8"
+    assert as_float.images.dtype == torch.float32 and as_half.images.dtype == torch.float16
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    for timestep in (900, 500, 50):
+        torch.testing.assert_close(as_uint8.denoise(x, timestep), as_float.denoise(x, timestep), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(as_half.denoise(x, timestep), as_float.denoise(x, timestep), atol=2e-3, rtol=0)
+
+
+def test_save_load_round_trips_uint8_images_and_labels(digits, tmp_path):
+    denoiser = da.OptimalDenoiser.from_dataset(digits, temperature=0.7, chunk_size=100)
+    pipe = da.AnalyticDDIMPipeline(unet=denoiser, scheduler=DDIMScheduler())
+    pipe.save_pretrained(tmp_path)
+    loaded = da.AnalyticDDIMPipeline.from_pretrained(tmp_path).unet
+    assert type(loaded) is da.OptimalDenoiser
+    assert loaded.images.dtype == torch.uint8 and torch.equal(loaded.images, denoiser.images)
+    assert torch.equal(loaded.labels, digits.labels) and loaded.config.temperature == 0.7
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(loaded.denoise(x, 600), denoiser.denoise(x, 600))
+
+
+def test_stats_follow_in_place_changes(digits):
+    denoiser = da.OptimalDenoiser.from_dataset(da.ImageSet(digits.images[:50]))
+    x = torch.randn(2, 1, 8, 8)
+    before = denoiser.denoise(x, 500)
+    denoiser.images.copy_(digits.images[50:100])
+    after = denoiser.denoise(x, 500)
+    fresh = da.OptimalDenoiser.from_dataset(da.ImageSet(digits.images[50:100])).denoise(x, 500)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh)
+
+
+def test_memorizes_training_images_end_to_end(digits):
+    train = digits.images[:64]
+    denoiser = da.OptimalDenoiser.from_dataset(train)
+    pipe = da.AnalyticDDIMPipeline(unet=denoiser, scheduler=DDIMScheduler())
+    samples = pipe(batch_size=6, num_inference_steps=50, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    samples = samples.double().reshape(6, -1) * 2 - 1  # [0, 1] -> model space
+    y = train.double().reshape(64, -1) / 127.5 - 1
+    rms = ((samples[:, None] - y[None]) ** 2).mean(-1).sqrt().min(dim=1).values
+    assert (rms <= 1e-2).all(), rms
+
+
+def test_online_softmax_flushes_subnormal_weights_exactly():
+    logits = torch.tensor([[0.0, -95.0, -200.0, -1.0]])
+    values = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    softmax = OnlineSoftmax()
+    softmax.update(logits, lambda w: w @ values)
+    ref = torch.softmax(logits.double(), 1) @ values.double()
+    torch.testing.assert_close(softmax.result().double(), ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"num_neighbors": 0}, "num_neighbors"),
+        ({"num_neighbors": 1798}, "num_neighbors"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"faiss_index": "hnsw"}, "faiss_index"),
+        ({"unknown_option": 1}, "unknown_option"),
+    ],
+)
+def test_bad_config(digits, config, message):
+    with pytest.raises(ValueError, match=message):
+        da.OptimalDenoiser.from_dataset(digits, **config)
+
+
+def test_bad_inputs(digits):
+    denoiser = da.OptimalDenoiser.from_dataset(da.ImageSet(digits.images[:20]))
+    with pytest.raises(ValueError, match="class_labels"):
+        denoiser.denoise(torch.randn(2, 1, 8, 8), 10, class_labels=[0, 1])
+    with pytest.raises(ValueError, match="storage_dtype"):
+        da.OptimalDenoiser.from_dataset(digits, storage_dtype="int16")
+    with pytest.raises(ValueError, match="uint8"):
+        da.OptimalDenoiser.from_dataset(torch.zeros(3, 1, 8, 8), storage_dtype="uint8")
+    with pytest.raises(ValueError, match="shape"):
+        denoiser.denoise(torch.randn(2, 3, 8, 8), 10)
+    with pytest.raises(ValueError, match="empty"):
+        da.OptimalDenoiser.from_dataset(torch.zeros(0, 1, 8, 8))
