@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .data import ImageSet, iter_image_batches, load_builtin, load_image_dataset
 from .models.denoiser_nearest import NearestDatasetDenoiser
 from .models.denoiser_optimal import OptimalDenoiser
+from .models.denoiser_pca_locality import PCALocalityDenoiser
 from .models.denoiser_smoothed_cfdm import SmoothedCFDMDenoiser
 from .models.denoiser_wiener import WienerDenoiser
 from .models.modeling_analytic import AnalyticDenoiserMixin, AnalyticDenoiserOutput
@@ -21,6 +22,7 @@ __all__ = [
     "NearestDatasetDenoiser",
     "OptimalDenoiser",
     "SmoothedCFDMDenoiser",
+    "PCALocalityDenoiser",
     "WienerDenoiser",
     "get_denoiser_class",
     "iter_image_batches",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .models.denoiser_nearest import NearestDatasetDenoiser
 from .models.denoiser_optimal import OptimalDenoiser
+from .models.denoiser_pca_locality import PCALocalityDenoiser
 from .models.denoiser_smoothed_cfdm import SmoothedCFDMDenoiser
 from .models.denoiser_wiener import WienerDenoiser
 
@@ -12,6 +13,7 @@ DENOISERS = {
     "optimal": OptimalDenoiser,
     "scfdm": SmoothedCFDMDenoiser,
     "nearest_dataset": NearestDatasetDenoiser,
+    "pca_locality": PCALocalityDenoiser,
 }
 
 

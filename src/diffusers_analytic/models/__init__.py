@@ -1,5 +1,6 @@
 from .denoiser_nearest import NearestDatasetDenoiser
 from .denoiser_optimal import OptimalDenoiser
+from .denoiser_pca_locality import PCALocalityDenoiser
 from .denoiser_smoothed_cfdm import SmoothedCFDMDenoiser
 from .denoiser_wiener import WienerDenoiser
 from .modeling_analytic import AnalyticDenoiserMixin, AnalyticDenoiserOutput
@@ -9,6 +10,7 @@ __all__ = [
     "AnalyticDenoiserOutput",
     "NearestDatasetDenoiser",
     "OptimalDenoiser",
+    "PCALocalityDenoiser",
     "SmoothedCFDMDenoiser",
     "WienerDenoiser",
 ]

@@ -1,0 +1,283 @@
+"""PCA-locality denoiser (Lukoianov et al. 2025, arXiv 2509.09672): per-pixel posterior means under Wiener-derived
+locality masks (DESIGN.md section 2), exact over all stored images."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.utils import logging
+
+from ..fitting import eigen_decomposition, fit_moments
+from .functional import STORAGE_DTYPES, OnlineSoftmax, collect_images, image_chunks, locality_tiles, pca_locality_mask
+from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive
+
+logger = logging.get_logger(__name__)
+
+# Where 1 - a is exactly 0 the logits divide by this instead (a finite, extremely peaked softmax).
+_MIN_BETA_PROD = 1e-20
+
+
+@dataclass
+class LocalityMask:
+    """The mask of one noise level, prepared for the distance computation (see `PCALocalityDenoiser.locality_mask`)."""
+
+    mask: torch.Tensor  # [D, D] bool (binarised) or float32 (soft R)
+    tiles: list  # [(p_idx [P], q_idx [K] or None, sub_mask float32 [K, P], complement)], sub_mask = -(1 - M) if complement
+    nonzero_fraction: float  # share of non-zero mask entries
+    all_ones: bool  # the mask is all ones: the optimal denoiser
+
+
+class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
+    r"""
+    PCA-locality denoiser of [Lukoianov et al. 2025](https://arxiv.org/abs/2509.09672): every output pixel p is the
+    posterior mean of pixel p under the empirical distribution of the stored images, seen through a locality mask
+    derived from the Wiener filter of the data's Gaussian fit (mean mu, unbiased covariance S = U diag(lam) U^T):
+
+        W_t = U diag( a lam / (a lam + 1 - a) ) U^T
+        R[q, p] = W_t[q, p] / W_t[q, q]                      (row q divided by its diagonal; |W_qq| < 1e-6 -> 1)
+        M[q, p] = 1 if |R[q, p]| >= mask_threshold * max |R| else 0     (global max; mask_threshold = 0: M = R)
+        d_p(i)  = sum_q M[q, p] (x_t[q] - sqrt(a) y_i[q])^2
+        x0_hat[p] = sum_i softmax_i( -d_p(i) / (2 (1 - a) tau) ) y_i[p]
+
+    The softmax runs over all N stored images exactly (an online softmax over data chunks: the result does not depend
+    on `chunk_size` or on the order of the data). The reference implementation averages per-batch softmaxes, which is
+    exact only when the whole data set is one batch.
+
+    Speed: the mask of a noise level is computed once (one float64 D x D GEMM) and cached (an LRU of
+    `mask_cache_size` noise levels keyed by `a`). The query-only term sum_q M[q, p] x_t[q]^2 does not depend on i and
+    cancels in the softmax; the data-only term sum_q M[q, p] y_i[q]^2 is one GEMM per data chunk shared by the whole
+    batch, and the cross term sum_q x_t[q] M[q, p] y_i[q] is one GEMM `[B P, K] x [K, n]` per tile of output pixels:
+    B N D^2 multiply-adds at GEMM rate for a dense mask; when tiles of neighbouring pixels share a small support
+    (or a small complement support, for nearly full masks) only that support is read. An all-ones mask (high noise)
+    is the optimal denoiser: one `[B, D] x [D, n]` GEMM per chunk.
+
+    Args:
+        sample_size (`int` or `(int, int)`, defaults to 32): image height and width.
+        in_channels (`int`, defaults to 3): channels per image.
+        num_images (`int`, defaults to 2): N, the number of stored images (set by `from_dataset`; fixes the buffer
+            shape for `from_pretrained`).
+        storage_dtype (`str`, defaults to `"uint8"`): dtype of the stored images: `"uint8"` (`[0, 255]`, exact for
+            8-bit sources), `"float16"` (model space, about 1e-3 relative rounding) or `"float32"`.
+        has_labels (`bool`, defaults to `False`): whether class labels are stored; then `class_labels=` restricts the
+            posterior to the images of the requested class.
+        temperature (`float`, defaults to 1.0): tau; 1 is the exact posterior.
+        mask_threshold (`float`, defaults to 0.02): in [0, 1], relative to the global max of |R|; 0 uses the soft
+            (signed) R as the mask. Reference configs: 0.02 (CelebA-HQ, AFHQ), 0.05 (CIFAR-10), 0.005 (MNIST).
+        chunk_size (`int`, defaults to 1024): stored images converted to float per step of the streaming softmax
+            (bounds the memory; the result does not depend on it).
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
+            The training noise schedule, as in diffusers' `DDIMScheduler`; the defaults equal `DDIMScheduler()`'s.
+        prediction_type (`str`, defaults to `"epsilon"`): what `forward` returns: `"epsilon"`, `"v_prediction"` or
+            `"sample"` (x0).
+    """
+
+    #: How many noise levels keep their mask in memory (a D x D bool mask and its tiles each).
+    mask_cache_size = 16
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] = 32,
+        in_channels: int = 3,
+        num_images: int = 2,
+        storage_dtype: str = "uint8",
+        has_labels: bool = False,
+        temperature: float = 1.0,
+        mask_threshold: float = 0.02,
+        chunk_size: int = 1024,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        rescale_betas_zero_snr: bool = False,
+        prediction_type: str = "epsilon",
+    ):
+        super().__init__()
+        self._init_analytic()
+        check_finite_positive("temperature", float(temperature))
+        if not (isinstance(mask_threshold, (int, float)) and 0.0 <= mask_threshold <= 1.0):
+            raise ValueError(f"`mask_threshold` must be in [0, 1], got {mask_threshold}.")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
+        if not isinstance(num_images, int) or num_images < 2:
+            raise ValueError(
+                f"PCA locality needs at least 2 images (the covariance is undefined for fewer), got num_images={num_images}."
+            )
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"`storage_dtype` must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}.")
+        channels, height, width = self.sample_shape
+        dim = channels * height * width
+        self.register_buffer("mean", torch.zeros(dim))  # mu  [D]
+        self.register_buffer("eigvecs", torch.zeros(dim, dim))  # U  [D, D]
+        self.register_buffer("eigvals", torch.zeros(dim))  # lam [D]
+        self.register_buffer("images", torch.zeros(num_images, channels, height, width, dtype=STORAGE_DTYPES[storage_dtype]))
+        if has_labels:
+            self.register_buffer("labels", torch.zeros(num_images, dtype=torch.int64))  # [N]
+        else:
+            self.register_buffer("labels", None)
+        self._mask_cache: OrderedDict = OrderedDict()
+
+    @classmethod
+    def from_dataset(
+        cls,
+        images,
+        batch_size: int = 256,
+        show_progress: bool = True,
+        storage_dtype: str = "auto",
+        **config,
+    ) -> PCALocalityDenoiser:
+        r"""
+        Stores the images and fits the Wiener statistics: mean and unbiased (N - 1) covariance in float64, its full
+        eigendecomposition (eigenvalues clamped at 0), stored as float32, exactly as `WienerDenoiser` does.
+
+        Args:
+            images: anything [`~diffusers_analytic.data.iter_image_batches`] reads: a float tensor `[N, C, H, W]` in
+                `[-1, 1]`, a uint8 tensor in `[0, 255]`, an `ImageSet`, a `datasets.Dataset`, an iterable of batches.
+            batch_size (`int`, defaults to 256): images per streamed batch.
+            show_progress (`bool`, defaults to `True`): a tqdm bar while fitting.
+            storage_dtype (`str`, defaults to `"auto"`): `"auto"` keeps 8-bit sources as uint8 and float sources as
+                float32; or `"uint8"`, `"float16"`, `"float32"`.
+            **config: `temperature`, `mask_threshold`, `chunk_size`, the schedule, `prediction_type`; data-source
+                options `image_column`, `label_column`, `resolution`, `channels`, `labels`.
+        """
+        data_keys = ("image_column", "label_column", "resolution", "channels", "labels")
+        data_kwargs = {k: config.pop(k) for k in data_keys if k in config}
+        stored, labels, storage_dtype = collect_images(images, storage_dtype=storage_dtype, batch_size=batch_size, **data_kwargs)
+        if len(stored) < 2:
+            raise ValueError(f"PCA locality needs at least 2 images (the covariance is undefined for fewer), got {len(stored)}.")
+        moments, shape = fit_moments(stored, batch_size=batch_size, show_progress=show_progress)
+        config = {**config, "num_images": len(stored), "storage_dtype": storage_dtype, "has_labels": labels is not None}
+        denoiser = cls(**cls._config_for_data(shape, config))
+        eigvecs, eigvals, _ = eigen_decomposition(moments.covariance())
+        denoiser.mean.copy_(moments.mean)
+        denoiser.eigvecs.copy_(eigvecs)
+        denoiser.eigvals.copy_(eigvals)
+        denoiser.images.copy_(stored)
+        if labels is not None:
+            denoiser.labels.copy_(labels)
+        logger.info(f"Fitted a PCA-locality denoiser on {len(stored)} images of shape {list(shape)}.")
+        return denoiser
+
+    def _known_labels(self) -> torch.Tensor | None:
+        return None if self.labels is None else torch.unique(self.labels.cpu())
+
+    # ------------------------------------------------------------------ the mask of a noise level
+    def locality_mask(self, alpha_prod: float, batch_size: int = 8) -> LocalityMask:
+        """
+        The mask M at noise level `a = alpha_prod` and its tiling, cached (LRU of `mask_cache_size` noise levels).
+
+        W and R are computed in float64 from the stored eigenbasis (see [`~models.functional.pca_locality_mask`]).
+        """
+        key = (
+            float(alpha_prod),
+            float(self.config.mask_threshold),
+            *((t.data_ptr(), t._version, str(t.device)) for t in (self.eigvecs, self.eigvals)),
+        )
+        cached = self._mask_cache.get(key)
+        if cached is not None:
+            self._mask_cache.move_to_end(key)
+            return cached
+        eigvecs, eigvals = self.eigvecs, self.eigvals
+        if eigvecs.device.type == "mps":  # no float64 there: build the mask on the CPU
+            eigvecs, eigvals = eigvecs.cpu(), eigvals.cpu()
+        mask = pca_locality_mask(eigvecs, eigvals, float(alpha_prod), float(self.config.mask_threshold))
+        mask = mask.to(self.eigvecs.device)
+        entry = self._prepare_mask(mask, batch_size)
+        self._mask_cache[key] = entry
+        while len(self._mask_cache) > self.mask_cache_size:
+            self._mask_cache.popitem(last=False)
+        return entry
+
+    def _prepare_mask(self, mask: torch.Tensor, batch_size: int = 8, **tiling) -> LocalityMask:
+        """A mask `[D, D]` (bool or float) with its tiles (see [`~models.functional.locality_tiles`])."""
+        if mask.dtype == torch.bool:
+            nonzero = int(mask.sum())
+            all_ones = nonzero == mask.numel()
+        else:
+            nonzero = int((mask != 0).sum())
+            all_ones = False
+        tiles = []
+        if not all_ones:
+            for p_idx, q_idx, complement in locality_tiles(mask, self.sample_shape, batch_size=batch_size, **tiling):
+                rows = mask[:, p_idx] if q_idx is None else mask[q_idx][:, p_idx]  # [K, P]
+                sub_mask = -(~rows).to(torch.float32) if complement else rows.to(torch.float32)
+                tiles.append((p_idx, q_idx, sub_mask, complement))
+        return LocalityMask(mask, tiles, nonzero / mask.numel(), all_ones)
+
+    # ------------------------------------------------------------------ the closed form
+    def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
+        # Samples that share the noise level (and class) share the mask and one pass over the data.
+        batch_size = x_t.shape[0]
+        x_flat = x_t.reshape(batch_size, -1)
+        x0_hat = torch.empty_like(x_flat)
+        groups: dict = {}
+        for b in range(batch_size):
+            key = (float(alpha_prod_t[b]), float(beta_prod_t[b]), None if class_labels is None else int(class_labels[b]))
+            groups.setdefault(key, []).append(b)
+        for (alpha_prod, beta_prod, label), members in groups.items():
+            index = torch.tensor(members, device=x_t.device)
+            subset = None
+            if label is not None:
+                subset = torch.nonzero(self.labels == label, as_tuple=True)[0]
+            x0_hat[index] = self._denoise_group(x_flat[index], alpha_prod, beta_prod, subset)
+        return x0_hat.reshape(x_t.shape)
+
+    def _denoise_group(self, x_t, alpha_prod, beta_prod, subset=None, chunk_size=None, mask=None):
+        # Notation: alpha_prod -> a, beta_prod -> 1 - a, temperature -> tau, mean -> mu, images -> y_i (flattened),
+        # M the locality mask (column p: the inputs output pixel p sees).
+        # Centring by mu changes no distance, (x - sqrt(a) y) = (x - sqrt(a) mu) - sqrt(a) (y - mu), and keeps the
+        # float32 sums small.
+        batch_size = x_t.shape[0]  # x_t [B, D]
+        chunk_size = chunk_size or self.config.chunk_size
+        sqrt_a = math.sqrt(alpha_prod)
+        scale = 1.0 / (2.0 * max(beta_prod, _MIN_BETA_PROD) * float(self.config.temperature))  # 1 / (2 (1 - a) tau)
+        mean = self.mean.to(x_t.device, torch.float32)
+        x_c = x_t - sqrt_a * mean  # x - sqrt(a) mu  [B, D]
+
+        # 1. The mask of this noise level (cached).
+        mask = self.locality_mask(alpha_prod, batch_size) if mask is None else mask
+
+        # 2. All-ones mask: d(i) = ||x - sqrt(a) y_i||^2 for every p, the optimal denoiser, one GEMM per chunk.
+        if mask.all_ones:
+            softmax = OnlineSoftmax()
+            for _, y in image_chunks(self.images, chunk_size, indices=subset, device=x_t.device):
+                y_c = y - mean  # [n, D]
+                # logits = (2 sqrt(a) x.y - a ||y||^2) / (2 (1 - a) tau); ||x||^2 cancels
+                logits = (x_c @ y_c.T).mul_(2.0 * sqrt_a).sub_(alpha_prod * y_c.square().sum(1)).mul_(scale)  # [B, n]
+                softmax.update(logits, lambda w, y_c=y_c: w @ y_c)
+            return mean + softmax.result()
+
+        # 3. Per tile T of output pixels (inputs K = the union of their supports, see `locality_tiles`):
+        #    cross[b, p, i] = sum_q (x[b, q] M[q, p]) y_i[q]        one GEMM  [B P, K] x [K, n]
+        #    data[p, i]     = sum_q M[q, p] y_i[q]^2                one GEMM  [P, K] x [K, n]   (shared by the batch)
+        #    logit[b, p, i] = (2 sqrt(a) cross - a data) / (2 (1 - a) tau)      (sum_q M x^2 cancels in the softmax)
+        #    streamed through an online softmax per (b, p) with values y_i[p]. A complement tile holds -(1 - M):
+        #    its logits are added to those of the full distance, (2 sqrt(a) x.y_i - a ||y_i||^2) / (2 (1 - a) tau).
+        # The [B P, K] query of a tile is rebuilt per chunk (B P K products against the GEMM's n B P K), so that
+        # only one tile's query is in memory at a time.
+        needs_full = any(complement for *_, complement in mask.tiles)
+        softmaxes = [OnlineSoftmax() for _ in mask.tiles]
+        for _, y in image_chunks(self.images, chunk_size, indices=subset, device=x_t.device):
+            y_c = y - mean  # [n, D]
+            if needs_full:
+                full = (x_c @ y_c.T).mul_(2.0 * sqrt_a * scale).sub_(y_c.square().sum(1).mul_(alpha_prod * scale))  # [B, n]
+            for (p_idx, q_idx, sub_mask, complement), softmax in zip(mask.tiles, softmaxes):
+                x_q = x_c if q_idx is None else x_c[:, q_idx]  # [B, K]
+                query = (x_q[:, None, :] * sub_mask.T[None]).reshape(-1, sub_mask.shape[0])  # x[b, q] M[q, p]  [B P, K]
+                y_q = y_c if q_idx is None else y_c[:, q_idx]  # [n, K]
+                logits = (query @ y_q.T).mul_(2.0 * sqrt_a * scale).reshape(batch_size, len(p_idx), -1)  # [B, P, n]
+                logits.sub_((sub_mask.T @ y_q.square().T).mul_(alpha_prod * scale))  # a data / (2 (1 - a) tau)  [P, n]
+                if complement:
+                    logits.add_(full[:, None, :])
+                values = y_c[:, p_idx].T  # y_i[p] - mu[p]  [P, n]
+                softmax.update(logits, lambda w, values=values: (w * values).sum(-1))
+        out = torch.empty_like(x_t)
+        for (p_idx, *_), softmax in zip(mask.tiles, softmaxes):
+            out[:, p_idx] = softmax.result()
+        return mean + out
