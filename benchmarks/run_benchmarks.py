@@ -195,6 +195,7 @@ def time_denoise(denoiser, images, batch_size, device, max_call_seconds) -> tupl
 def benchmark_method(method, data_name, images, device_rows, rates, max_call_seconds) -> list[dict]:
     """Fits `method` once on the CPU, then times it on every device row; one result dict per row."""
     base = {"method": method, "data": data_name, "N": len(images), "D": int(images[0].numel())}
+    print(f"  {method} on {data_name}: fitting ...", file=sys.stderr, flush=True)
     with PeakMemory(torch.device("cpu")) as fit_memory:
         start = time.perf_counter()
         denoiser = DENOISERS[method].from_dataset(images, show_progress=False)
@@ -206,7 +207,7 @@ def benchmark_method(method, data_name, images, device_rows, rates, max_call_sec
     for label, device, tf32 in device_rows:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = tf32
-        print(f"  {method} on {data_name} ({label}) ...", file=sys.stderr, flush=True)
+        print(f"  {method} on {data_name}: timing on {label} ...", file=sys.stderr, flush=True)
         row = {**base, "device": label}
         denoiser.to(device)
         with PeakMemory(device) as call_memory:
