@@ -313,17 +313,17 @@ def main(argv=None) -> None:
     machine["float32_matmul_gflops"] = {label: round(rate / 1e9, 1) for label, rate in rates.items()}
     print(f"Machine: {machine}", file=sys.stderr)
 
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    output = args.output or os.path.join(RESULTS_DIR, f"benchmarks-{stamp}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     rows = []
     for data_name, images, methods in data_sets(args):
         for method in methods:
             rows += benchmark_method(method, data_name, images, devices(args), rates, args.max_call_seconds)
+            with open(output, "w") as f:  # rewritten after every method: an interrupted run keeps its rows
+                json.dump({"machine": machine, "timesteps": list(TIMESTEPS), "rows": rows}, f, indent=2)
 
     print(format_table(rows))
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    output = args.output or os.path.join(RESULTS_DIR, f"benchmarks-{stamp}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump({"machine": machine, "timesteps": list(TIMESTEPS), "rows": rows}, f, indent=2)
     print(f"Wrote {output}", file=sys.stderr)
 
 

@@ -3,7 +3,7 @@
 Runs the trained pipeline's DDIM trajectory from the noise of `(seed, i)` and, at every step, scores the analytic
 denoiser's x0_hat on the same x_t (single step) and along its own trajectory from the same x_T against the trained
 network's x0_hat: R^2 = 1 - SS_res / (Var(trained) * D) per sample, averaged, and MSE. Writes `metrics.json`,
-`r2_per_step.png` (needs matplotlib) and comparison grids:
+`r2_per_step.png` (needs matplotlib; skipped with a warning without it) and comparison grids:
 
 - `grid_single_step.png`: per sample, a row of the trained x0_hat and below it the analytic x0_hat on the same x_t,
   one column per (selected) step from noisy to clean;
@@ -99,7 +99,10 @@ def run(args) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     metrics = {"analytic": args.analytic, "trained": args.trained, **comparison.to_dict()}
     write_json(metrics, os.path.join(args.output_dir, "metrics.json"))
-    plot_per_step(metrics, os.path.join(args.output_dir, "r2_per_step.png"))
+    try:
+        plot_per_step(metrics, os.path.join(args.output_dir, "r2_per_step.png"))
+    except ImportError as error:  # the numbers and grids do not need matplotlib
+        logger.warning(f"Skipped r2_per_step.png: {error}")
     write_grids(comparison, args.output_dir, args.grid_samples, args.grid_steps)
 
     single, own = metrics["single_step"], metrics["own_trajectory"]
@@ -121,14 +124,12 @@ def write_json(data: dict, path: str) -> None:
 def plot_per_step(metrics: dict, path: str) -> None:
     """Per-step R^2 (left) and MSE (right, log scale) of both comparisons against the timestep, saved as a PNG."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
     except ImportError as error:
         raise ImportError("The per-step plot needs matplotlib: `pip install matplotlib`.") from error
 
-    figure, (ax_r2, ax_mse) = plt.subplots(1, 2, figsize=(10, 3.8))
+    figure = Figure(figsize=(10, 3.8))
+    ax_r2, ax_mse = figure.subplots(1, 2)
     for key, label in (("single_step", "same x_t (single step)"), ("own_trajectory", "own trajectories")):
         scores = metrics[key]
         t = scores["timesteps"]
@@ -146,7 +147,6 @@ def plot_per_step(metrics: dict, path: str) -> None:
     figure.tight_layout()
     temporary = f"{path}.tmp-{os.getpid()}.png"
     figure.savefig(temporary, dpi=120)
-    plt.close(figure)
     os.replace(temporary, path)
 
 
