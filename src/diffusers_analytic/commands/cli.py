@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from . import build, fit, generate, push
+from . import build, compare, fit, generate, push
 
 # Each subcommand module has `register(subparsers)` and `run(args)`; listed here line by line.
 SUBCOMMANDS = {
@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "generate": generate,
     "build": build,
     "push": push,
+    "compare": compare,
 }
 
 
