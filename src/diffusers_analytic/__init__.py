@@ -3,6 +3,8 @@
 __version__ = "0.1.0"
 
 from .data import ImageSet, iter_image_batches, load_builtin, load_image_dataset
+from .models.denoiser_equivariant_local_score import EquivariantLocalScoreDenoiser
+from .models.denoiser_local_score import LocalScoreDenoiser
 from .models.denoiser_wiener import WienerDenoiser
 from .models.modeling_analytic import AnalyticDenoiserMixin, AnalyticDenoiserOutput
 from .pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline, AnalyticPipelineOutput
@@ -14,7 +16,9 @@ __all__ = [
     "AnalyticDenoiserOutput",
     "AnalyticPipelineOutput",
     "DENOISERS",
+    "EquivariantLocalScoreDenoiser",
     "ImageSet",
+    "LocalScoreDenoiser",
     "WienerDenoiser",
     "get_denoiser_class",
     "iter_image_batches",

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from .models.denoiser_equivariant_local_score import EquivariantLocalScoreDenoiser
+from .models.denoiser_local_score import LocalScoreDenoiser
 from .models.denoiser_wiener import WienerDenoiser
 
 DENOISERS = {
     "wiener": WienerDenoiser,
+    "ls": LocalScoreDenoiser,
+    "els": EquivariantLocalScoreDenoiser,
 }
 
 

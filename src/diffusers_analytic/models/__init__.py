@@ -1,4 +1,12 @@
+from .denoiser_equivariant_local_score import EquivariantLocalScoreDenoiser
+from .denoiser_local_score import LocalScoreDenoiser
 from .denoiser_wiener import WienerDenoiser
 from .modeling_analytic import AnalyticDenoiserMixin, AnalyticDenoiserOutput
 
-__all__ = ["AnalyticDenoiserMixin", "AnalyticDenoiserOutput", "WienerDenoiser"]
+__all__ = [
+    "AnalyticDenoiserMixin",
+    "AnalyticDenoiserOutput",
+    "EquivariantLocalScoreDenoiser",
+    "LocalScoreDenoiser",
+    "WienerDenoiser",
+]
