@@ -5,6 +5,9 @@ __version__ = "0.1.0"
 from .data import ImageSet, iter_image_batches, load_builtin, load_image_dataset
 from .models.denoiser_equivariant_local_score import EquivariantLocalScoreDenoiser
 from .models.denoiser_local_score import LocalScoreDenoiser
+from .models.denoiser_nearest import NearestDatasetDenoiser
+from .models.denoiser_optimal import OptimalDenoiser
+from .models.denoiser_smoothed_cfdm import SmoothedCFDMDenoiser
 from .models.denoiser_wiener import WienerDenoiser
 from .models.modeling_analytic import AnalyticDenoiserMixin, AnalyticDenoiserOutput
 from .pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline, AnalyticPipelineOutput
@@ -19,6 +22,9 @@ __all__ = [
     "EquivariantLocalScoreDenoiser",
     "ImageSet",
     "LocalScoreDenoiser",
+    "NearestDatasetDenoiser",
+    "OptimalDenoiser",
+    "SmoothedCFDMDenoiser",
     "WienerDenoiser",
     "get_denoiser_class",
     "iter_image_batches",

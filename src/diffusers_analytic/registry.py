@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from .models.denoiser_equivariant_local_score import EquivariantLocalScoreDenoiser
 from .models.denoiser_local_score import LocalScoreDenoiser
+from .models.denoiser_nearest import NearestDatasetDenoiser
+from .models.denoiser_optimal import OptimalDenoiser
+from .models.denoiser_smoothed_cfdm import SmoothedCFDMDenoiser
 from .models.denoiser_wiener import WienerDenoiser
 
 DENOISERS = {
     "wiener": WienerDenoiser,
     "ls": LocalScoreDenoiser,
     "els": EquivariantLocalScoreDenoiser,
+    "optimal": OptimalDenoiser,
+    "scfdm": SmoothedCFDMDenoiser,
+    "nearest_dataset": NearestDatasetDenoiser,
 }
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import fit, generate
+from . import compare, fit, generate
 
 # Each subcommand module has `register(subparsers)` and `run(args)`; listed here line by line.
 SUBCOMMANDS = {
     "fit": fit,
     "generate": generate,
+    "compare": compare,
 }
 
 

@@ -1,5 +1,8 @@
 from .denoiser_equivariant_local_score import EquivariantLocalScoreDenoiser
 from .denoiser_local_score import LocalScoreDenoiser
+from .denoiser_nearest import NearestDatasetDenoiser
+from .denoiser_optimal import OptimalDenoiser
+from .denoiser_smoothed_cfdm import SmoothedCFDMDenoiser
 from .denoiser_wiener import WienerDenoiser
 from .modeling_analytic import AnalyticDenoiserMixin, AnalyticDenoiserOutput
 
@@ -8,5 +11,8 @@ __all__ = [
     "AnalyticDenoiserOutput",
     "EquivariantLocalScoreDenoiser",
     "LocalScoreDenoiser",
+    "NearestDatasetDenoiser",
+    "OptimalDenoiser",
+    "SmoothedCFDMDenoiser",
     "WienerDenoiser",
 ]

@@ -134,6 +134,185 @@ def image_chunks(
         yield start, to_model_space(chunk.reshape(stop - start, -1), torch.float32)
 
 
+# ---------------------------------------------------------------------------------------------- data-holding denoisers
+# The optimal (empirical Bayes), smoothed CFDM and nearest-dataset denoisers keep the training images y_1 .. y_N as a
+# buffer and stream over it in chunks. The math below is shared by importing these functions.
+#
+# Centring. Distances are invariant to a common shift: ||x_t - sqrt(a) y_i|| = ||x' - sqrt(a) y'_i|| with
+# x' = x_t - sqrt(a) mu and y'_i = y_i - mu (mu the data mean). The GEMM form of the distance cancels large terms,
+# ||x'||^2 - 2 sqrt(a) x'.y'_i + a ||y'_i||^2, so working with centred vectors (smaller norms) keeps float32 rounding
+# of the logits small; the centring is fused into the uint8 -> float conversion and costs nothing extra.
+
+
+def image_storage(num_images: int, shape: tuple[int, int, int], storage_dtype: str) -> torch.Tensor:
+    """An empty image buffer `[num_images, C, H, W]` of the storage dtype (`"uint8"`, `"float16"` or `"float32"`)."""
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"`storage_dtype` must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}.")
+    if int(num_images) < 1:
+        raise ValueError(f"`num_images` must be a positive integer, got {num_images}.")
+    return torch.zeros(int(num_images), *shape, dtype=STORAGE_DTYPES[storage_dtype])
+
+
+class StoredImageStats:
+    """
+    Statistics of a stored image buffer that are derived, not saved: the data mean mu `[D]` and the centred squared
+    norms ||y_i - mu||^2 `[N]`, both accumulated in float64 and kept as float32 on the images' device.
+
+    Recomputed lazily whenever the buffer changes (a new tensor after `from_pretrained` / `.to(device)`, or an
+    in-place write), so they never go stale and never enter the safetensors file.
+    """
+
+    def __init__(self):
+        self._key = None
+        self.mean: torch.Tensor | None = None  # mu             [D]
+        self.sq_norms: torch.Tensor | None = None  # ||y'_i||^2  [N]
+
+    def get(self, images: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mean [D], sq_norms [N])` of `images` `[N, C, H, W]`, computed at first use after a change."""
+        key = (images.data_ptr(), images.device, images.dtype, tuple(images.shape), images._version)
+        if key != self._key:
+            total = torch.zeros(images[0].numel(), dtype=torch.float64, device=images.device)
+            for _, chunk in image_chunks(images, chunk_size):
+                total += chunk.sum(dim=0, dtype=torch.float64)
+            mean64 = total / len(images)  # [D]
+            sq_norms = torch.empty(len(images), dtype=torch.float32, device=images.device)
+            for start, chunk in image_chunks(images, chunk_size):
+                sq_norms[start : start + len(chunk)] = (chunk.double() - mean64).square().sum(dim=1).float()
+            self.mean, self.sq_norms, self._key = mean64.float(), sq_norms, key
+        return self.mean, self.sq_norms
+
+
+def centered_chunks(
+    images: torch.Tensor, mean: torch.Tensor, chunk_size: int, indices: torch.Tensor | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """
+    Yields `(offset, y' chunk)`, the chunk float32 `[n, D]` = model-space images minus `mean`, converted from the
+    stored dtype in one pass into one reused buffer (so memory is one chunk whatever N). The chunk is overwritten by
+    the next one: use it before advancing. `indices` selects a subset; offsets index into it.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
+    total = len(images) if indices is None else len(indices)
+    flat = images.reshape(len(images), -1)
+    buffer = torch.empty(min(chunk_size, total), flat.shape[1], dtype=torch.float32, device=images.device)
+    shift = -1.0 - mean  # uint8 v -> v / 127.5 - 1 - mu, one fused pass  [D]
+    for start in range(0, total, chunk_size):
+        stop = min(start + chunk_size, total)
+        stored = flat[start:stop] if indices is None else flat[indices[start:stop]]
+        chunk = buffer[: stop - start]
+        if stored.dtype == torch.uint8:
+            torch.add(shift, stored, alpha=1.0 / 127.5, out=chunk)
+        else:
+            torch.sub(stored, mean, out=chunk)
+        yield start, chunk
+
+
+def _logit_coefficients(alpha_prod: torch.Tensor, beta_prod: torch.Tensor, temperature: float):
+    """
+    The logits -||x' - sqrt(a) y'||^2 / (2 (1 - a) tau), less the x-only term, are
+    c1 (x'.y') - c2 ||y'||^2 with c1 = sqrt(a) / ((1 - a) tau), c2 = a / (2 (1 - a) tau): float64 -> float32 `[B, 1]`.
+    1 - a is floored at 1e-20 so that a schedule with 1 - a = 0 gives a one-hot (nearest image) posterior, not NaN.
+    """
+    scale = 1.0 / (2.0 * beta_prod.double().clamp(min=1e-20) * temperature)  # 1 / (2 (1 - a) tau)
+    c1 = 2.0 * alpha_prod.double().sqrt() * scale
+    c2 = alpha_prod.double() * scale
+    return c1.float()[:, None], c2.float()
+
+
+def posterior_mean(
+    x_t: torch.Tensor,
+    alpha_prod: torch.Tensor,
+    beta_prod: torch.Tensor,
+    images: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor],
+    chunk_size: int,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    class_labels: torch.Tensor | None = None,
+    indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""
+    The posterior mean under the empirical distribution of `images` (DESIGN.md section 2, "Optimal"):
+
+        w_i = softmax_i( -||x_t - sqrt(a) y_i||^2 / (2 (1 - a) tau) ),   x0_hat = sum_i w_i y_i
+
+    exact, streamed over chunks of `chunk_size` images with an online softmax: per chunk one GEMM for the logits and
+    one for the weighted sum; extra memory O(B * chunk_size + chunk_size * D) whatever N.
+
+    Args:
+        x_t (`torch.Tensor`): float32 `[B, D]`.
+        alpha_prod, beta_prod (`torch.Tensor`): a and 1 - a, `[B]` (float64 preferred).
+        images (`torch.Tensor`): the stored images `[N, C, H, W]` (uint8 `[0, 255]` or float model space).
+        stats: `(mean [D], sq_norms [N])` from [`StoredImageStats`].
+        chunk_size (`int`): images per chunk.
+        temperature (`float`): tau > 0; 1 is the exact posterior.
+        labels, class_labels (`torch.Tensor`, *optional*): stored labels `[N]` and one label per sample `[B]`:
+            sample b's posterior is restricted to the images of its class (other logits are -inf).
+        indices (`torch.Tensor`, *optional*): restrict the sum to these images (e.g. the top-k neighbours).
+
+    Returns:
+        `torch.Tensor`: x0_hat, float32 `[B, D]`.
+    """
+    mean, sq_norms = stats
+    if indices is not None:
+        sq_norms = sq_norms[indices]
+        labels = None if labels is None else labels[indices]
+    c1, c2 = _logit_coefficients(alpha_prod, beta_prod, temperature)
+    sqrt_a = alpha_prod.double().sqrt().float()[:, None]
+    # 1. Centre and pre-scale the query: c1 x', x' = x_t - sqrt(a) mu.
+    query = (x_t - sqrt_a * mean) * c1  # [B, D]
+    neg_c2 = -c2.to(x_t.device)  # [B]
+    if class_labels is not None:
+        class_labels = class_labels.to(x_t.device)
+    softmax = OnlineSoftmax()
+    for start, chunk in centered_chunks(images, mean, chunk_size, indices):
+        # 2. logits_i = c1 x'.y'_i - c2 ||y'_i||^2 (||x'||^2 is constant over i and cancels).
+        logits = query @ chunk.T  # [B, n]
+        logits.addr_(neg_c2, sq_norms[start : start + len(chunk)])
+        if class_labels is not None:
+            other_class = labels[start : start + len(chunk)][None, :] != class_labels[:, None]  # [B, n]
+            logits.masked_fill_(other_class, float("-inf"))
+        # 3. Online softmax: running max, running sum, running sum_i w_i y'_i.
+        softmax.update(logits, lambda weights, chunk=chunk: weights @ chunk)
+    # 4. x0_hat = sum_i w_i y'_i + mu (the weights sum to 1).
+    return softmax.result() + mean
+
+
+def nearest_indices(
+    x_t: torch.Tensor,
+    alpha_prod: torch.Tensor,
+    images: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor],
+    chunk_size: int,
+    labels: torch.Tensor | None = None,
+    class_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    `argmin_i ||x_t - sqrt(a) y_i||^2` for each row of `x_t` float32 `[B, D]`, exact, streamed over chunks (the
+    score a ||y'_i||^2 - 2 sqrt(a) x'.y'_i differs from the squared distance by a per-row constant). With
+    `labels` / `class_labels`, only images of each sample's class compete. Returns int64 `[B]` (ties: lowest index).
+    """
+    mean, sq_norms = stats
+    a = alpha_prod.double()
+    two_sqrt_a = (2.0 * a.sqrt()).float()[:, None]
+    query = (x_t - (a.sqrt().float()[:, None]) * mean) * two_sqrt_a  # 2 sqrt(a) x'  [B, D]
+    a32 = a.float().to(x_t.device)
+    if class_labels is not None:
+        class_labels = class_labels.to(x_t.device)
+    best_score = torch.full((len(x_t),), float("inf"), device=x_t.device)
+    best_index = torch.zeros(len(x_t), dtype=torch.int64, device=x_t.device)
+    for start, chunk in centered_chunks(images, mean, chunk_size):
+        scores = torch.outer(a32, sq_norms[start : start + len(chunk)]) - query @ chunk.T  # [B, n]
+        if class_labels is not None:
+            other_class = labels[start : start + len(chunk)][None, :] != class_labels[:, None]
+            scores.masked_fill_(other_class, float("inf"))
+        chunk_score, chunk_index = scores.min(dim=1)
+        better = chunk_score < best_score
+        best_score = torch.where(better, chunk_score, best_score)
+        best_index = torch.where(better, chunk_index + start, best_index)
+    return best_index
+
+
 # ---------------------------------------------------------------------------------------------- patch machines (LS / ELS)
 # Patches of odd size k = 2 r + 1 (all channels) around each pixel, for the local score (LS) and equivariant local
 # score (ELS) machines of Kamb & Ganguli (arXiv 2412.20292). Padding rules: "zeros" pads with zeros, "circular" wraps

@@ -1,0 +1,162 @@
+"""Optimal (empirical Bayes) denoiser: the exact posterior mean under the empirical distribution of the training
+images (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.utils import logging
+
+from .functional import StoredImageStats, collect_images, image_storage, posterior_mean
+from .knn import INDEX_TYPES, NeighborIndex
+from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive
+
+logger = logging.get_logger(__name__)
+
+DATA_KEYWORDS = ("image_column", "label_column", "resolution", "channels", "labels")
+
+
+class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
+    r"""
+    The "ideal" denoiser: the posterior mean of x_0 given x_t when the data distribution is the empirical one,
+    uniform over the training images y_1 .. y_N:
+
+        w_i = softmax_i( -||x_t - sqrt(a) y_i||^2 / (2 (1 - a) tau) ),   x0_hat = sum_i w_i y_i
+
+    Exact by default: the softmax is streamed over chunks of `chunk_size` images with an online softmax (running max,
+    running sum, running weighted sum); the squared distance is one GEMM per chunk plus precomputed ||y_i||^2
+    (||x_t||^2 cancels). The result equals the one-shot softmax over all N to float32 rounding, for any chunk size,
+    with extra memory O(B * chunk_size + chunk_size * D) whatever N. Sampling with it memorizes: every sample lands on
+    a training image (Karras et al. 2022, appendix; Kadkhodaie et al. 2024).
+
+    The images are a buffer saved with the model (`storage_dtype`: uint8 for 8-bit sources, exact and 4x smaller than
+    float32). With labels stored (`has_labels`), `class_labels=` restricts each sample's posterior to its class.
+
+    Args:
+        sample_size (`int` or `(int, int)`, defaults to 32): image height and width.
+        in_channels (`int`, defaults to 3): channels per image.
+        num_images (`int`, defaults to 1): N, the number of stored images (set by `from_dataset`).
+        storage_dtype (`str`, defaults to `"float32"`): dtype of the image buffer: `"uint8"` (values 0..255, exact
+            for 8-bit data), `"float16"` (model space, ~1e-3 relative rounding) or `"float32"`.
+        has_labels (`bool`, defaults to `False`): whether an int64 `labels` buffer `[N]` is stored.
+        temperature (`float`, defaults to 1.0): tau > 0 divides the logits; 1 is the exact posterior mean, tau -> 0
+            tends to the nearest image, tau > 1 blends more images.
+        num_neighbors (`int`, *optional*): approximate mode: the softmax runs over the k nearest images found by a
+            FAISS index (query x_t / sqrt(a)) instead of all N. With the default flat index the k are the true
+            nearest, so the only error is the weight of the images left out (large at high noise, where the
+            posterior is broad); `None` is exact. Must be in [1, N].
+        chunk_size (`int`, defaults to 512): images per streamed chunk; bounds the extra memory.
+        faiss_index (`str`, defaults to `"auto"`): top-k index kind: `"flat"` (exact search), `"ivf"` (approximate),
+            `"auto"` (flat up to `ivf_threshold` images). The index is built from the stored images at first use
+            (never saved).
+        ivf_threshold (`int`, defaults to 100000): `"auto"` switches to IVF above this many images.
+        ivf_nprobe (`int`, defaults to 32): IVF lists probed per query (more: slower, closer to exact).
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
+            The training noise schedule, as in diffusers' `DDIMScheduler`; the defaults equal `DDIMScheduler()`'s.
+        prediction_type (`str`, defaults to `"epsilon"`): what `forward` returns: `"epsilon"`, `"v_prediction"` or
+            `"sample"` (x0).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] = 32,
+        in_channels: int = 3,
+        num_images: int = 1,
+        storage_dtype: str = "float32",
+        has_labels: bool = False,
+        temperature: float = 1.0,
+        num_neighbors: int | None = None,
+        chunk_size: int = 512,
+        faiss_index: str = "auto",
+        ivf_threshold: int = 100_000,
+        ivf_nprobe: int = 32,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        rescale_betas_zero_snr: bool = False,
+        prediction_type: str = "epsilon",
+    ):
+        super().__init__()
+        self._init_analytic()
+        check_finite_positive("temperature", temperature)
+        if int(chunk_size) < 1:
+            raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
+        if num_neighbors is not None and not 1 <= num_neighbors <= num_images:
+            raise ValueError(f"`num_neighbors` must be in [1, {num_images}] (the number of images), got {num_neighbors}.")
+        if faiss_index not in INDEX_TYPES:
+            raise ValueError(f"`faiss_index` must be one of {INDEX_TYPES}, got {faiss_index!r}.")
+        self.register_buffer("images", image_storage(num_images, self.sample_shape, storage_dtype))  # y  [N, C, H, W]
+        if has_labels:
+            self.register_buffer("labels", torch.zeros(num_images, dtype=torch.int64))  # [N]
+        else:
+            self.labels = None
+        self._stats = StoredImageStats()
+        self._neighbors = NeighborIndex()
+
+    @classmethod
+    def from_dataset(
+        cls, images, batch_size: int = 256, storage_dtype: str = "auto", show_progress: bool = True, **config
+    ) -> OptimalDenoiser:
+        r"""
+        Stores the training images (and their labels, when the source has them).
+
+        Args:
+            images: anything [`~diffusers_analytic.data.iter_image_batches`] reads: a float tensor `[N, C, H, W]` in
+                `[-1, 1]`, a uint8 tensor in `[0, 255]`, an `ImageSet`, a `datasets.Dataset`, an iterable of batches.
+            batch_size (`int`, defaults to 256): images per batch while reading.
+            storage_dtype (`str`, defaults to `"auto"`): `"auto"` keeps 8-bit sources as uint8 (exact) and floats as
+                float32; or `"uint8"`, `"float16"`, `"float32"`.
+            show_progress (`bool`, defaults to `True`): accepted for the same signature as the other denoisers;
+                storing is a single pass over the data, without a progress bar.
+            **config: the method parameters (`temperature`, `num_neighbors`, `chunk_size`, ...), the schedule,
+                `prediction_type`; data-source options `labels`, `image_column`, `label_column`, `resolution`,
+                `channels`. `sample_size`, `in_channels`, `num_images`, `storage_dtype`, `has_labels` come from
+                the data.
+        """
+        data_kwargs = {key: config.pop(key) for key in DATA_KEYWORDS if key in config}
+        stored, labels, dtype_name = collect_images(images, storage_dtype, batch_size=batch_size, **data_kwargs)
+        config = {**config, "num_images": len(stored), "storage_dtype": dtype_name, "has_labels": labels is not None}
+        denoiser = cls(**cls._config_for_data(tuple(stored.shape[1:]), config))
+        denoiser.images.copy_(stored)
+        if labels is not None:
+            denoiser.labels.copy_(labels)
+        logger.info(f"Stored {len(stored)} images ({dtype_name}) in an optimal denoiser.")
+        return denoiser
+
+    def _known_labels(self) -> torch.Tensor | None:
+        return None if self.labels is None else torch.unique(self.labels.cpu())
+
+    def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
+        # Notation: alpha_prod_t -> a, beta_prod_t -> 1 - a, temperature -> tau, images -> y_1 .. y_N.
+        config = self.config
+        stats = self._stats.get(self.images, config.chunk_size)
+        x_flat = x_t.reshape(len(x_t), -1)  # [B, D]
+        if config.num_neighbors is None:
+            # Exact: softmax over all N images (or all of each sample's class), streamed.
+            x0_hat = posterior_mean(
+                x_flat, alpha_prod_t, beta_prod_t, self.images, stats, config.chunk_size, config.temperature,
+                labels=self.labels, class_labels=class_labels,
+            )
+            return x0_hat.reshape(x_t.shape)
+
+        # Top-k: the k nearest images of x'/sqrt(a) (same ranking as ||x_t - sqrt(a) y_i||), then the exact
+        # logits over those k only. At a = 0 every image is equally far; the query is then x' itself.
+        mean = stats[0]
+        sqrt_a = alpha_prod_t.double().sqrt().clamp(min=1e-30).float()[:, None]
+        queries = (x_flat - sqrt_a * mean) / sqrt_a  # [B, D]
+        neighbours = self._neighbors.search(
+            queries, config.num_neighbors, self.images, mean, config.chunk_size, config.faiss_index,
+            config.ivf_threshold, config.ivf_nprobe, labels=self.labels, class_labels=class_labels,
+        )
+        x0_hat = torch.stack([
+            posterior_mean(
+                x_flat[b : b + 1], alpha_prod_t[b : b + 1], beta_prod_t[b : b + 1], self.images, stats,
+                config.chunk_size, config.temperature, indices=neighbours[b],
+            )[0]
+            for b in range(len(x_t))
+        ])  # [B, D]
+        return x0_hat.reshape(x_t.shape)

@@ -1,0 +1,163 @@
+"""Smoothed closed-form diffusion model (SCFDM, Scarvelis, Borde & Solomon 2023, arXiv 2310.12395): the optimal
+denoiser averaged over Gaussian perturbations of x_t (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+
+from .functional import StoredImageStats, collect_images, image_storage, posterior_mean
+from .knn import INDEX_TYPES, NeighborIndex
+from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive
+
+logger = logging.get_logger(__name__)
+
+DATA_KEYWORDS = ("image_column", "label_column", "resolution", "channels", "labels")
+
+
+class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
+    r"""
+    Smoothed closed-form denoiser ([arXiv 2310.12395](https://arxiv.org/abs/2310.12395)): the optimal (empirical
+    Bayes) posterior mean averaged over `num_noise` Gaussian-perturbed copies of x_t,
+
+        x0_hat = (1 / M) sum_j E_emp[x_0 | x_t + sigma_s z_j],   z_j ~ N(0, I),  M = num_noise,  sigma_s = smoothing_std
+
+    with E_emp the softmax-weighted mean of the training images of [`OptimalDenoiser`] (same exact streamed
+    computation, shared through `functional.posterior_mean`). Smoothing lets samples leave the training set
+    (generalize) instead of memorizing. The z_j come from the call's generator: the same generator gives the same
+    output (a list of generators gives each sample its own stream, independent of the batch it is in). At
+    `smoothing_std=0` the output equals the optimal denoiser's exactly and no noise is drawn.
+
+    Args:
+        sample_size (`int` or `(int, int)`, defaults to 32): image height and width.
+        in_channels (`int`, defaults to 3): channels per image.
+        num_images (`int`, defaults to 1): N, the number of stored images (set by `from_dataset`).
+        storage_dtype (`str`, defaults to `"float32"`): `"uint8"`, `"float16"` or `"float32"` image buffer.
+        has_labels (`bool`, defaults to `False`): whether an int64 `labels` buffer `[N]` is stored.
+        num_noise (`int`, defaults to 8): M, perturbed copies per call (cost: M optimal evaluations, batched).
+        smoothing_std (`float`, defaults to 0.1): sigma_s >= 0, the standard deviation of the perturbation in
+            model space.
+        temperature (`float`, defaults to 1.0): tau > 0 of the inner optimal denoiser.
+        num_neighbors (`int`, *optional*): top-k mode of the inner optimal denoiser (FAISS); `None` is exact.
+        chunk_size (`int`, defaults to 512): images per streamed chunk.
+        faiss_index, ivf_threshold, ivf_nprobe: the top-k index, as in [`OptimalDenoiser`].
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
+            The training noise schedule, as in diffusers' `DDIMScheduler`; the defaults equal `DDIMScheduler()`'s.
+        prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"`, `"v_prediction"` or `"sample"`.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] = 32,
+        in_channels: int = 3,
+        num_images: int = 1,
+        storage_dtype: str = "float32",
+        has_labels: bool = False,
+        num_noise: int = 8,
+        smoothing_std: float = 0.1,
+        temperature: float = 1.0,
+        num_neighbors: int | None = None,
+        chunk_size: int = 512,
+        faiss_index: str = "auto",
+        ivf_threshold: int = 100_000,
+        ivf_nprobe: int = 32,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        rescale_betas_zero_snr: bool = False,
+        prediction_type: str = "epsilon",
+    ):
+        super().__init__()
+        self._init_analytic()
+        check_finite_positive("temperature", temperature)
+        if not (isinstance(smoothing_std, (int, float)) and math.isfinite(smoothing_std) and smoothing_std >= 0):
+            raise ValueError(f"`smoothing_std` must be a finite number >= 0, got {smoothing_std}.")
+        if int(num_noise) < 1:
+            raise ValueError(f"`num_noise` must be a positive integer, got {num_noise}.")
+        if int(chunk_size) < 1:
+            raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
+        if num_neighbors is not None and not 1 <= num_neighbors <= num_images:
+            raise ValueError(f"`num_neighbors` must be in [1, {num_images}] (the number of images), got {num_neighbors}.")
+        if faiss_index not in INDEX_TYPES:
+            raise ValueError(f"`faiss_index` must be one of {INDEX_TYPES}, got {faiss_index!r}.")
+        self.register_buffer("images", image_storage(num_images, self.sample_shape, storage_dtype))  # y  [N, C, H, W]
+        if has_labels:
+            self.register_buffer("labels", torch.zeros(num_images, dtype=torch.int64))  # [N]
+        else:
+            self.labels = None
+        self._stats = StoredImageStats()
+        self._neighbors = NeighborIndex()
+
+    @classmethod
+    def from_dataset(
+        cls, images, batch_size: int = 256, storage_dtype: str = "auto", show_progress: bool = True, **config
+    ) -> SmoothedCFDMDenoiser:
+        r"""
+        Stores the training images (and their labels, when the source has them); arguments as in
+        [`OptimalDenoiser.from_dataset`], with `num_noise` and `smoothing_std` among the config keywords.
+        """
+        data_kwargs = {key: config.pop(key) for key in DATA_KEYWORDS if key in config}
+        stored, labels, dtype_name = collect_images(images, storage_dtype, batch_size=batch_size, **data_kwargs)
+        config = {**config, "num_images": len(stored), "storage_dtype": dtype_name, "has_labels": labels is not None}
+        denoiser = cls(**cls._config_for_data(tuple(stored.shape[1:]), config))
+        denoiser.images.copy_(stored)
+        if labels is not None:
+            denoiser.labels.copy_(labels)
+        logger.info(f"Stored {len(stored)} images ({dtype_name}) in a smoothed CFDM denoiser.")
+        return denoiser
+
+    def _known_labels(self) -> torch.Tensor | None:
+        return None if self.labels is None else torch.unique(self.labels.cpu())
+
+    def _optimal(self, x_flat, alpha_prod_t, beta_prod_t, stats, class_labels):
+        """E_emp[x_0 | x] for rows x of `x_flat` `[B', D]`: exact streamed softmax, or top-k over FAISS neighbours."""
+        config = self.config
+        if config.num_neighbors is None:
+            return posterior_mean(
+                x_flat, alpha_prod_t, beta_prod_t, self.images, stats, config.chunk_size, config.temperature,
+                labels=self.labels, class_labels=class_labels,
+            )
+        mean = stats[0]
+        sqrt_a = alpha_prod_t.double().sqrt().clamp(min=1e-30).float()[:, None]
+        neighbours = self._neighbors.search(
+            (x_flat - sqrt_a * mean) / sqrt_a, config.num_neighbors, self.images, mean, config.chunk_size,
+            config.faiss_index, config.ivf_threshold, config.ivf_nprobe, labels=self.labels, class_labels=class_labels,
+        )
+        return torch.stack([
+            posterior_mean(
+                x_flat[b : b + 1], alpha_prod_t[b : b + 1], beta_prod_t[b : b + 1], self.images, stats,
+                config.chunk_size, config.temperature, indices=neighbours[b],
+            )[0]
+            for b in range(len(x_flat))
+        ])
+
+    def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
+        # Notation: alpha_prod_t -> a, beta_prod_t -> 1 - a, num_noise -> M, smoothing_std -> sigma_s.
+        config = self.config
+        batch_size, num_noise = len(x_t), config.num_noise
+        stats = self._stats.get(self.images, config.chunk_size)
+        x_flat = x_t.reshape(batch_size, -1)  # [B, D]
+        if config.smoothing_std == 0:
+            return self._optimal(x_flat, alpha_prod_t, beta_prod_t, stats, class_labels).reshape(x_t.shape)
+
+        # 1. M perturbed copies x_t + sigma_s z_j, z_j drawn in order j = 0 .. M-1 from the call's generator(s).
+        noise = torch.stack([
+            randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype).reshape(batch_size, -1)
+            for _ in range(num_noise)
+        ])  # [M, B, D]
+        perturbed = (x_flat[None] + config.smoothing_std * noise).reshape(num_noise * batch_size, -1)  # [M*B, D]
+
+        # 2. The optimal denoiser on all M*B copies at once (one GEMM stream), then 3. the average over j.
+        repeat = lambda values: None if values is None else values.repeat(num_noise)  # noqa: E731
+        x0_copies = self._optimal(
+            perturbed, repeat(alpha_prod_t), repeat(beta_prod_t), stats, repeat(class_labels)
+        )  # [M*B, D]
+        return x0_copies.reshape(num_noise, batch_size, -1).mean(dim=0).reshape(x_t.shape)
