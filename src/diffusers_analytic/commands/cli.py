@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import compare, fit, generate
+from . import calibrate, compare, fit, generate
 
 # Each subcommand module has `register(subparsers)` and `run(args)`; listed here line by line.
 SUBCOMMANDS = {
     "fit": fit,
     "generate": generate,
     "compare": compare,
+    "calibrate": calibrate,
 }
 
 

@@ -192,6 +192,7 @@ class EquivariantLocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, Mo
                 group_query = query[:, query_positions]  # [B, P, C k k]
                 for lo in range(0, len(patches), config.chunk_size):
                     q = patches[lo : lo + config.chunk_size]  # [m, C k k]
+                    q_centers = patch_centers[lo : lo + config.chunk_size]  # [m, C]
                     # 3. logits_p(j) = c1 <P_p(x'), q'_j> - c2 ||q'_j||^2 (||P_p(x')||^2 cancels per pixel).
                     logits = group_query @ q.T - c2 * q.square().sum(dim=1)  # [B, P, m]
                     if labels is not None:
@@ -199,7 +200,7 @@ class EquivariantLocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, Mo
                         other_class = patch_labels[None, :] != class_labels[:, None]  # [B, m]
                         logits.masked_fill_(other_class[:, None, :], float("-inf"))
                     # 4. Per-pixel online softmax: sum_j w_p(j) center(q'_j).
-                    softmax.update(logits, lambda weights, c=patch_centers[lo : lo + len(q)]: weights @ c)
+                    softmax.update(logits, lambda weights, c=q_centers: weights @ c)  # [B, P, C]
 
         x0_hat = torch.empty(batch_size, height * width, channels, device=device)
         for (query_positions, _), softmax in zip(groups, softmaxes):

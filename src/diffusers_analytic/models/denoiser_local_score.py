@@ -15,7 +15,6 @@ from .functional import (
     StoredImageMean,
     box_sum,
     collect_images,
-    pad_images,
     patch_logit_coefficients,
 )
 from .modeling_analytic import AnalyticDenoiserMixin
