@@ -194,7 +194,8 @@ class EquivariantLocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, Mo
                     q = patches[lo : lo + config.chunk_size]  # [m, C k k]
                     q_centers = patch_centers[lo : lo + config.chunk_size]  # [m, C]
                     # 3. logits_p(j) = c1 <P_p(x'), q'_j> - c2 ||q'_j||^2 (||P_p(x')||^2 cancels per pixel).
-                    logits = group_query @ q.T - c2 * q.square().sum(dim=1)  # [B, P, m]
+                    bias = -c2 * q.square().sum(dim=1)  # [B, 1, m]
+                    logits = torch.baddbmm(bias, group_query, q.T.expand(batch_size, -1, -1))  # [B, P, m]
                     if labels is not None:
                         patch_labels = labels.repeat_interleave(len(train_positions))[lo : lo + len(q)]  # [m]
                         other_class = patch_labels[None, :] != class_labels[:, None]  # [B, m]
