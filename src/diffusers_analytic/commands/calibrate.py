@@ -140,7 +140,7 @@ def calibrate_patch_sizes(
         show_progress=show_progress,
     )
     # 2. Each (distinct, after capping) candidate's x0_hat on the same x_t, scored by R^2 per sample.
-    effective = sorted({machine._effective_patch_size(k) for k in candidates})
+    effective = sorted({machine.effective_patch_size(k) for k in candidates})
     median_r2 = {}
     for k in tqdm(effective, desc="Patch sizes", unit="size", disable=not show_progress):
         scores = evaluate_on_trajectory(

@@ -135,7 +135,7 @@ class EquivariantLocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, Mo
         logger.info(f"Stored {len(stored)} images ({dtype_name}) in an equivariant local score (ELS) machine.")
         return denoiser
 
-    def _effective_patch_size(self, patch_size: int) -> int:
+    def effective_patch_size(self, patch_size: int) -> int:
         height, width = self.image_size
         if self.config.padding == "zeros" and not self.config.boundary_aware:
             # No valid patch exists beyond the image size: the largest odd size that fits.
@@ -156,7 +156,7 @@ class EquivariantLocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, Mo
 
     def num_training_patches(self, patch_size: int) -> int:
         """M, the number of training patches a query pixel of the interior is compared with at patch size k."""
-        groups = self.position_groups(self._effective_patch_size(patch_size))
+        groups = self.position_groups(self.effective_patch_size(patch_size))
         return len(self.images) * max(len(train_positions) for _, train_positions in groups)
 
     def _denoise_patch(self, x_t, alpha_prod_t, beta_prod_t, patch_size, class_labels=None):

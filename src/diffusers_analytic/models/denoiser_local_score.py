@@ -120,7 +120,7 @@ class LocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, ModelMixin, C
         logger.info(f"Stored {len(stored)} images ({dtype_name}) in a local score (LS) machine.")
         return denoiser
 
-    def _effective_patch_size(self, patch_size: int) -> int:
+    def effective_patch_size(self, patch_size: int) -> int:
         # With zero padding a window of 2 max(H, W) - 1 already covers the image from every pixel; larger sizes only
         # add zeros to both patches and give the same result.
         if self.config.padding == "zeros":

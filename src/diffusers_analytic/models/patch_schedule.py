@@ -13,6 +13,9 @@ The presets are the authors' calibrated sizes for their 20-step cosine schedule,
 s = i / 20, step i = 0 (lowest noise) .. 19 (highest). Step i owns the s-interval [(i - 1/2) / 20, (i + 1/2) / 20), so
 its breakpoint is lambda_i = log-SNR at s = (i + 1/2) / 20: each step's own noise level falls inside its interval,
 and the boundary between two steps lies halfway between them in s.
+
+`PatchMachineMixin` (end of this file) is the plumbing the LS and ELS denoisers share: stored images, k per sample
+from the schedule, and a fixed-k entry point for calibration.
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ class PatchMachineMixin:
     What the LS and ELS machines share besides the closed form: the stored images (`images` `[N, C, H, W]`, optional
     `labels` `[N]`, named as in the other data-holding denoisers), the patch size k at each noise level, and a
     fixed-k entry point for calibration. A subclass implements `_denoise_patch(x_t, a, 1 - a, k, class_labels)` for
-    one k and may cap k in `_effective_patch_size`. Use it first among the bases.
+    one k and may cap k in `effective_patch_size`. Use it first among the bases.
     """
 
     def _init_patch_machine(self) -> None:
@@ -180,7 +183,7 @@ class PatchMachineMixin:
     def patch_size_at(self, timestep, batch_size: int | None = None) -> list[int]:
         """The patch size k used at `timestep` (int, float or tensor, as in `denoise`), one per sample."""
         alpha_prod, beta_prod = self.alpha_prod_at(timestep, batch_size)
-        return [self._effective_patch_size(k) for k in patch_sizes_at(self._patch_schedule, alpha_prod, beta_prod)]
+        return [self.effective_patch_size(k) for k in patch_sizes_at(self._patch_schedule, alpha_prod, beta_prod)]
 
     @torch.no_grad()
     def denoise_with_patch_size(
@@ -193,15 +196,16 @@ class PatchMachineMixin:
         finally:
             self._fixed_patch_size = None
 
-    def _effective_patch_size(self, patch_size: int) -> int:
+    def effective_patch_size(self, patch_size: int) -> int:
+        """The patch size actually used for a requested (scheduled) one; the machines cap sizes beyond the image."""
         return patch_size
 
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
         # k per sample from the schedule at each sample's log-SNR, then one call per distinct k.
         if self._fixed_patch_size is not None:
-            sizes = [self._effective_patch_size(self._fixed_patch_size)] * len(x_t)
+            sizes = [self.effective_patch_size(self._fixed_patch_size)] * len(x_t)
         else:
-            sizes = [self._effective_patch_size(k) for k in patch_sizes_at(self._patch_schedule, alpha_prod_t, beta_prod_t)]
+            sizes = [self.effective_patch_size(k) for k in patch_sizes_at(self._patch_schedule, alpha_prod_t, beta_prod_t)]
         x0_hat = torch.empty_like(x_t)
         for k in sorted(set(sizes)):
             rows = torch.tensor([b for b, size in enumerate(sizes) if size == k], device=x_t.device)
