@@ -3,6 +3,8 @@
 __version__ = "0.1.0"
 
 from .data import ImageSet, iter_image_batches, load_builtin, load_image_dataset
+from .models.denoiser_equivariant_local_score import EquivariantLocalScoreDenoiser
+from .models.denoiser_local_score import LocalScoreDenoiser
 from .models.denoiser_nearest import NearestDatasetDenoiser
 from .models.denoiser_optimal import OptimalDenoiser
 from .models.denoiser_pca_locality import PCALocalityDenoiser
@@ -18,7 +20,9 @@ __all__ = [
     "AnalyticDenoiserOutput",
     "AnalyticPipelineOutput",
     "DENOISERS",
+    "EquivariantLocalScoreDenoiser",
     "ImageSet",
+    "LocalScoreDenoiser",
     "NearestDatasetDenoiser",
     "OptimalDenoiser",
     "SmoothedCFDMDenoiser",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .models.denoiser_equivariant_local_score import EquivariantLocalScoreDenoiser
+from .models.denoiser_local_score import LocalScoreDenoiser
 from .models.denoiser_nearest import NearestDatasetDenoiser
 from .models.denoiser_optimal import OptimalDenoiser
 from .models.denoiser_pca_locality import PCALocalityDenoiser
@@ -10,6 +12,8 @@ from .models.denoiser_wiener import WienerDenoiser
 
 DENOISERS = {
     "wiener": WienerDenoiser,
+    "ls": LocalScoreDenoiser,
+    "els": EquivariantLocalScoreDenoiser,
     "optimal": OptimalDenoiser,
     "scfdm": SmoothedCFDMDenoiser,
     "nearest_dataset": NearestDatasetDenoiser,

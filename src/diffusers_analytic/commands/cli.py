@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from . import build, compare, fit, generate, push
+from . import build, calibrate, compare, fit, generate, push
 
 # Each subcommand module has `register(subparsers)` and `run(args)`; listed here line by line.
 SUBCOMMANDS = {
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "build": build,
     "push": push,
     "compare": compare,
+    "calibrate": calibrate,
 }
 
 

@@ -1,3 +1,5 @@
+from .denoiser_equivariant_local_score import EquivariantLocalScoreDenoiser
+from .denoiser_local_score import LocalScoreDenoiser
 from .denoiser_nearest import NearestDatasetDenoiser
 from .denoiser_optimal import OptimalDenoiser
 from .denoiser_pca_locality import PCALocalityDenoiser
@@ -8,6 +10,8 @@ from .modeling_analytic import AnalyticDenoiserMixin, AnalyticDenoiserOutput
 __all__ = [
     "AnalyticDenoiserMixin",
     "AnalyticDenoiserOutput",
+    "EquivariantLocalScoreDenoiser",
+    "LocalScoreDenoiser",
     "NearestDatasetDenoiser",
     "OptimalDenoiser",
     "PCALocalityDenoiser",

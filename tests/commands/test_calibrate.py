@@ -1,0 +1,77 @@
+"""Calibration of the patch-size schedule: an ELS machine calibrated against another ELS machine with a known schedule
+(playing the trained model) gets that schedule back, through the function and through the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import diffusers_analytic as da
+from diffusers_analytic.commands.calibrate import calibrate_patch_sizes, parse_candidates
+from diffusers_analytic.commands.cli import main
+
+KNOWN = [[1.5, 1], [-2.0, 3], [-5.0, 5]]  # k = 1 at low noise, 3 in the middle, 5 at high noise (8x8 digits)
+
+
+@pytest.fixture(scope="module")
+def machines(digits):
+    images = digits.images[:40]
+    trained = da.EquivariantLocalScoreDenoiser.from_dataset(images, patch_size_schedule=KNOWN)
+    machine = da.EquivariantLocalScoreDenoiser.from_dataset(images, patch_size_schedule=7)
+    return trained, machine
+
+
+def test_recovers_a_known_schedule(machines):
+    trained, machine = machines
+    calibration = calibrate_patch_sizes(
+        machine, trained, DDIMScheduler(), [1, 3, 5, 7], num_samples=3, num_inference_steps=8, show_progress=False
+    )
+    timesteps = calibration.timesteps
+    expected = [trained.patch_size_at(t)[0] for t in timesteps]
+    assert calibration.patch_sizes == expected and len(set(expected)) == 3
+    for step, k in enumerate(expected):  # the true size predicts the trained model (to rounding), the others not
+        assert calibration.median_r2[k][step] > 1 - 1e-6
+        assert all(calibration.median_r2[j][step] < calibration.median_r2[k][step] for j in (1, 3, 5, 7) if j != k)
+    machine.set_patch_size_schedule(calibration.schedule)
+    try:
+        assert [machine.patch_size_at(t)[0] for t in timesteps] == expected
+    finally:
+        machine.set_patch_size_schedule(7)
+
+
+def test_cli_writes_the_schedule_into_a_new_pipeline(machines, tmp_path, capsys):
+    trained, machine = machines
+    da.AnalyticDDIMPipeline(unet=trained).save_pretrained(tmp_path / "trained")
+    da.AnalyticDDIMPipeline(unet=machine).save_pretrained(tmp_path / "machine")
+    out = tmp_path / "calibrated"
+    command = [
+        sys.executable, "-m", "diffusers_analytic", "calibrate", str(tmp_path / "machine"), str(tmp_path / "trained"),
+        "--output-dir", str(out), "--candidates", "1,3,5", "--num-samples", "2", "--num-inference-steps", "6",
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    calibrated = da.AnalyticDDIMPipeline.from_pretrained(out).unet
+    report = json.loads((out / "calibration.json").read_text())
+    assert calibrated.config.patch_size_schedule == report["patch_size_schedule"]
+    assert [calibrated.patch_size_at(t)[0] for t in report["timesteps"]] == [trained.patch_size_at(t)[0] for t in report["timesteps"]]
+    assert torch.equal(calibrated.images, machine.images)
+    # The source folder is untouched, and an existing output needs --overwrite.
+    assert da.AnalyticDDIMPipeline.from_pretrained(tmp_path / "machine").unet.config.patch_size_schedule == 7
+    before = (out / "calibration.json").read_text()
+    assert main(command[3:]) == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "calibration.json").read_text() == before
+
+
+def test_bad_arguments_are_clear_errors(machines):
+    with pytest.raises(ValueError, match="odd positive"):
+        parse_candidates("3,4")
+    wiener = da.WienerDenoiser(sample_size=8, in_channels=1)
+    with pytest.raises(ValueError, match="LS or ELS"):
+        calibrate_patch_sizes(wiener, machines[0], DDIMScheduler(), [3], show_progress=False)
+    with pytest.raises(ValueError, match="noise schedule"):
+        calibrate_patch_sizes(machines[1], machines[0], DDIMScheduler(beta_end=0.03), [3], show_progress=False)
