@@ -104,7 +104,9 @@ def main() -> None:
         f"float32 matmul rate: {rate:.0f} GFLOP/s ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, device {args.device}); batch {args.batch_size}"
     )
-    print(f"{'data':>10} {'N':>5} {'k':>3} {'BA':>3} {'M':>8} {'GMAC':>8} {'ideal s':>8} {'ELS s':>8} {'of ideal':>8} {'LS s':>8}")
+    print(
+        f"{'data':>10} {'N':>5} {'k':>3} {'BA':>3} {'M':>8} {'GMAC':>8} {'ideal s':>8} {'ELS s':>8} {'of ideal':>8} {'LS s':>8}"
+    )
     for r in rows:
         print(
             f"{r['data']:>10} {r['N']:>5} {r['k']:>3} {'y' if r['boundary_aware'] else 'n':>3} {r['patches_M']:>8} "

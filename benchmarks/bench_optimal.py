@@ -43,7 +43,10 @@ def parse_args():
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--timesteps", type=int, nargs="+", default=[999, 500], help="999: broad (dense) posterior")
     parser.add_argument(
-        "--storage-dtypes", nargs="+", default=["uint8"], choices=["uint8", "float16", "float32"],
+        "--storage-dtypes",
+        nargs="+",
+        default=["uint8"],
+        choices=["uint8", "float16", "float32"],
         help="image storage to time (float32: no per-call conversion, 4x the memory)",
     )
     parser.add_argument("--chunk-size", type=int, default=512)
@@ -52,7 +55,9 @@ def parse_args():
     parser.add_argument("--top-k-max-images", type=int, default=10000, help="top-k rows only up to this N")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
-        "--clock", choices=["wall", "cpu"], default="wall",
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
         help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, a fair measure on a shared machine)",
     )
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "bench_optimal.json"))
@@ -118,9 +123,21 @@ def measure_memory(args) -> None:
 
 
 def memory_in_child(args) -> list:
-    argv = [sys.executable, __file__, "--memory-only", "--num-images", *map(str, args.num_images), "--batch-sizes",
-            *map(str, args.batch_sizes), "--timesteps", *map(str, args.timesteps), "--storage-dtypes",
-            *args.storage_dtypes, "--chunk-size", str(args.chunk_size)]
+    argv = [
+        sys.executable,
+        __file__,
+        "--memory-only",
+        "--num-images",
+        *map(str, args.num_images),
+        "--batch-sizes",
+        *map(str, args.batch_sizes),
+        "--timesteps",
+        *map(str, args.timesteps),
+        "--storage-dtypes",
+        *args.storage_dtypes,
+        "--chunk-size",
+        str(args.chunk_size),
+    ]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -153,9 +170,16 @@ def main():
         floor = 4 * batch_size * num_images * D / (rate * 1e9)
         bound = (args.chunk_size * D * 4 + 4 * batch_size * args.chunk_size * 4 + 8 * batch_size * D * 4) / 2**20
         row = {
-            "num_images": num_images, "batch_size": batch_size, "storage_dtype": storage, "timestep": timestep,
-            "mode": "exact", "seconds_per_call": seconds, "gemm_floor_seconds": floor,
-            "fraction_of_matmul_rate": floor / seconds, "peak_extra_mb": None, "chunk_bound_mb": bound,
+            "num_images": num_images,
+            "batch_size": batch_size,
+            "storage_dtype": storage,
+            "timestep": timestep,
+            "mode": "exact",
+            "seconds_per_call": seconds,
+            "gemm_floor_seconds": floor,
+            "fraction_of_matmul_rate": floor / seconds,
+            "peak_extra_mb": None,
+            "chunk_bound_mb": bound,
             "speedup_vs_reference": REFERENCE_SECONDS / seconds if num_images == 10000 and batch_size == 8 else None,
             "relative_error_vs_exact": 0.0,
         }
@@ -172,10 +196,18 @@ def main():
             seconds = min(_timed(partial(top_k.denoise, x, timestep)) for _ in range(args.repeats))
             error = ((approx - exact).norm() / exact.norm()).item()
             row = {
-                "num_images": num_images, "batch_size": batch_size, "storage_dtype": storage,
-                "timestep": timestep, "mode": f"top{k}", "seconds_per_call": seconds,
-                "gemm_floor_seconds": None, "fraction_of_matmul_rate": None, "peak_extra_mb": None,
-                "chunk_bound_mb": None, "speedup_vs_reference": None, "relative_error_vs_exact": error,
+                "num_images": num_images,
+                "batch_size": batch_size,
+                "storage_dtype": storage,
+                "timestep": timestep,
+                "mode": f"top{k}",
+                "seconds_per_call": seconds,
+                "gemm_floor_seconds": None,
+                "fraction_of_matmul_rate": None,
+                "peak_extra_mb": None,
+                "chunk_bound_mb": None,
+                "speedup_vs_reference": None,
+                "relative_error_vs_exact": error,
             }
             rows.append(row)
             _print_row(row)
@@ -183,12 +215,22 @@ def main():
     exact_rows = [row for row in rows if row["mode"] == "exact"]
     for row, peak in zip(exact_rows, memory_in_child(args)):
         row["peak_extra_mb"] = peak
-        print(f"{row['num_images']:>6} {row['batch_size']:>3} {row['storage_dtype']:>7} {row['timestep']:>4}  "
-              f"peak extra {peak:.1f} MB (bound {row['chunk_bound_mb']:.1f} MB)")
+        print(
+            f"{row['num_images']:>6} {row['batch_size']:>3} {row['storage_dtype']:>7} {row['timestep']:>4}  "
+            f"peak extra {peak:.1f} MB (bound {row['chunk_bound_mb']:.1f} MB)"
+        )
     result = {
-        "matmul_gflops": rate, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(), "clock": args.clock, "machine": platform.machine(), "dim": D, "chunk_size": args.chunk_size, "reference_seconds": REFERENCE_SECONDS,
-        "torch": torch.__version__, "rows": rows,
+        "matmul_gflops": rate,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "clock": args.clock,
+        "machine": platform.machine(),
+        "dim": D,
+        "chunk_size": args.chunk_size,
+        "reference_seconds": REFERENCE_SECONDS,
+        "torch": torch.__version__,
+        "rows": rows,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))

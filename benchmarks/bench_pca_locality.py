@@ -95,7 +95,9 @@ def run_one(num_images, threshold, args, device):
     sample = torch.randn(args.batch_size, *denoiser.sample_shape, generator=generator).to(device)
     rows = []
     print(f"\nN = {num_images}, D = {dim}, B = {args.batch_size}, mask_threshold = {threshold}")
-    print(f"{'t':>5} {'nnz %':>7} {'tiles':>6} {'mask s':>8} {'step s':>8} {'dense s':>8} {'speed-up':>9} {'peak MB':>8}")
+    print(
+        f"{'t':>5} {'nnz %':>7} {'tiles':>6} {'mask s':>8} {'step s':>8} {'dense s':>8} {'speed-up':>9} {'peak MB':>8}"
+    )
     for t in scheduler.timesteps:
         # the dense formulation's B N D^2 multiply-adds at the rate of its GEMM shape, measured now (shared machines)
         rate = matmul_rate(device, args.batch_size * min(dim, 1024), dim, min(num_images, args.chunk_size))

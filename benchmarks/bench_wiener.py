@@ -78,13 +78,17 @@ def main() -> None:
                 }
             )
     header = f"{'D':>6} {'N':>6} {'B':>4} {'fit s':>7} {'call ms':>8} {'GFLOP/s':>8} {'of peak':>8} {'vs ref':>8}"
-    print(f"float32 matmul rate on this machine: {rate:.0f} GFLOP/s ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, device {args.device})")
+    print(
+        f"float32 matmul rate on this machine: {rate:.0f} GFLOP/s ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, device {args.device})"
+    )
     print(header)
     for r in rows:
         frac = f"{r['fraction_of_matmul_rate']:.0%}" if r["fraction_of_matmul_rate"] is not None else "-"
         speed = f"{r['speedup_vs_reference']:.0f}x" if r["speedup_vs_reference"] else "-"
-        print(f"{r['D']:>6} {r['N']:>6} {r['batch']:>4} {r['fit_s']:>7.2f} {r['call_ms']:>8.2f} {r['gflops']:>8.1f} {frac:>8} {speed:>8}")
+        print(
+            f"{r['D']:>6} {r['N']:>6} {r['batch']:>4} {r['fit_s']:>7.2f} {r['call_ms']:>8.2f} {r['gflops']:>8.1f} {frac:>8} {speed:>8}"
+        )
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     with open(os.path.join(os.path.dirname(__file__), "results", "wiener.json"), "w") as f:
         json.dump({"matmul_gflops": rate, "device": args.device, "rows": rows}, f, indent=2)

@@ -32,7 +32,9 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trained", help="the trained DDPMPipeline folder (examples/train_unet.py)")
-    parser.add_argument("--data", default="digits", help="built-in set the UNet was trained on (digits, faces, patches)")
+    parser.add_argument(
+        "--data", default="digits", help="built-in set the UNet was trained on (digits, faces, patches)"
+    )
     parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--num-patches", type=int, default=5000)
     parser.add_argument("--channels", type=int, default=1)
@@ -44,7 +46,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def markdown(title: str, timesteps: list[int], rows: dict[str, list[float]], extra: dict[str, float] | None = None) -> str:
+def markdown(
+    title: str, timesteps: list[int], rows: dict[str, list[float]], extra: dict[str, float] | None = None
+) -> str:
     header = ["method", *[f"t={t}" for t in timesteps]] + (["final sample"] if extra else [])
     lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, values in rows.items():
@@ -58,7 +62,9 @@ def main(argv=None) -> None:
     pipeline = DiffusionPipeline.from_pretrained(args.trained)
     unet, scheduler = pipeline.unet.eval(), pipeline.scheduler
     if args.data == "patches":
-        data = load_builtin("patches", size=args.patch_size, num_images=args.num_patches, seed=args.seed, channels=args.channels)
+        data = load_builtin(
+            "patches", size=args.patch_size, num_images=args.num_patches, seed=args.seed, channels=args.channels
+        )
     else:
         data = load_builtin(args.data)
 
@@ -78,13 +84,20 @@ def main(argv=None) -> None:
         }
         print(f"  {method}: {results[method]['seconds']:.1f} s", file=sys.stderr, flush=True)
 
-    print(markdown("Single step (same x_t), mean R^2", timesteps, {m: r["single_step"]["r2_mean"] for m, r in results.items()}))
+    print(
+        markdown(
+            "Single step (same x_t), mean R^2", timesteps, {m: r["single_step"]["r2_mean"] for m, r in results.items()}
+        )
+    )
     print()
-    print(markdown(
-        "Own trajectories from the same x_T, mean R^2 of x0", timesteps,
-        {m: r["own_trajectory"]["r2_mean"] for m, r in results.items()},
-        {m: r["final_sample_r2"] for m, r in results.items()},
-    ))
+    print(
+        markdown(
+            "Own trajectories from the same x_T, mean R^2 of x0",
+            timesteps,
+            {m: r["own_trajectory"]["r2_mean"] for m, r in results.items()},
+            {m: r["final_sample_r2"] for m, r in results.items()},
+        )
+    )
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     output = args.output or os.path.join(RESULTS_DIR, f"compare-{stamp}.json")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

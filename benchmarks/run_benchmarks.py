@@ -242,18 +242,26 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=sorted(DENOISERS), choices=sorted(DENOISERS))
     parser.add_argument(
-        "--num-patches", type=int, nargs="*", default=[2000],
+        "--num-patches",
+        type=int,
+        nargs="*",
+        default=[2000],
         help="sizes N of the 32x32x3 patch sets for every method (add 10000 50000 for the long run)",
     )
     parser.add_argument(
-        "--wiener-num-patches", type=int, nargs="*", default=[10000],
+        "--wiener-num-patches",
+        type=int,
+        nargs="*",
+        default=[10000],
         help="extra 32x32x3 sizes for Wiener only (its per-call benchmark at D = 3072, N = 10000)",
     )
     parser.add_argument("--no-digits", action="store_true", help="skip the digits rows")
     parser.add_argument("--no-patches64", action="store_true", help="skip Wiener on 64x64x3 patches (N = 2000)")
     parser.add_argument("--no-gpu", action="store_true", help="CPU rows only even when CUDA is present")
     parser.add_argument(
-        "--max-call-seconds", type=float, default=30.0,
+        "--max-call-seconds",
+        type=float,
+        default=30.0,
         help="a method whose single call takes longer is timed once and its other columns skipped",
     )
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/benchmarks-<time>.json)")
@@ -285,11 +293,18 @@ def devices(args) -> list[tuple[str, torch.device, bool]]:
 
 def format_table(rows: list[dict]) -> str:
     columns = [
-        ("method", "method", "{}"), ("data", "data", "{}"), ("D", "D", "{}"), ("device", "device", "{}"),
-        ("fit_s", "fit s", "{:.2f}"), ("denoise_b8_ms", "step b8 ms", "{:.1f}"),
-        ("denoise_b64_ms", "step b64 ms", "{:.1f}"), ("sample_10_steps_b8_s", "10-step b8 s", "{:.2f}"),
-        ("fit_peak_mb", "fit peak MB", "{:.0f}"), ("denoise_peak_mb", "step peak MB", "{:.0f}"),
-        ("matmul_fraction_b8", "matmul frac b8", "{:.3f}"), ("matmul_fraction_b64", "matmul frac b64", "{:.3f}"),
+        ("method", "method", "{}"),
+        ("data", "data", "{}"),
+        ("D", "D", "{}"),
+        ("device", "device", "{}"),
+        ("fit_s", "fit s", "{:.2f}"),
+        ("denoise_b8_ms", "step b8 ms", "{:.1f}"),
+        ("denoise_b64_ms", "step b64 ms", "{:.1f}"),
+        ("sample_10_steps_b8_s", "10-step b8 s", "{:.2f}"),
+        ("fit_peak_mb", "fit peak MB", "{:.0f}"),
+        ("denoise_peak_mb", "step peak MB", "{:.0f}"),
+        ("matmul_fraction_b8", "matmul frac b8", "{:.3f}"),
+        ("matmul_fraction_b64", "matmul frac b64", "{:.3f}"),
     ]
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:

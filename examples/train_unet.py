@@ -40,7 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--ema-decay", type=float, default=0.995, help="the saved weights are this EMA of the trained ones")
+    parser.add_argument(
+        "--ema-decay", type=float, default=0.995, help="the saved weights are this EMA of the trained ones"
+    )
     parser.add_argument("--block-out-channels", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--layers-per-block", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -91,13 +93,17 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: min(1.0, (step + 1) / args.warmup_steps)
-        * 0.5
-        * (1 + torch.cos(torch.tensor(torch.pi * step / args.train_steps)).item()),
+        lambda step: (
+            min(1.0, (step + 1) / args.warmup_steps)
+            * 0.5
+            * (1 + torch.cos(torch.tensor(torch.pi * step / args.train_steps)).item())
+        ),
     )
     num_parameters = sum(p.numel() for p in unet.parameters())
-    print(f"Training a UNet2DModel ({num_parameters / 1e6:.2f} M parameters) on {num_images} {data.name} images "
-          f"{list(images.shape[1:])} for {args.train_steps} steps of batch {args.batch_size}.")
+    print(
+        f"Training a UNet2DModel ({num_parameters / 1e6:.2f} M parameters) on {num_images} {data.name} images "
+        f"{list(images.shape[1:])} for {args.train_steps} steps of batch {args.batch_size}."
+    )
 
     # 3. The epsilon-prediction loss || eps - eps_theta(sqrt(a) x0 + sqrt(1 - a) eps, t) ||^2 (Ho et al. 2020, eq. 14).
     generator = torch.Generator().manual_seed(args.seed)

@@ -79,7 +79,10 @@ def test_x0_from_model_output_matches_ddim_step(prediction_type):
 
 def test_x0_from_model_output_inverts_the_forward_process():
     generator = torch.Generator().manual_seed(2)
-    x0, eps = torch.randn(3, 1, 4, 4, generator=generator, dtype=torch.float64), torch.randn(3, 1, 4, 4, generator=generator, dtype=torch.float64)
+    x0, eps = (
+        torch.randn(3, 1, 4, 4, generator=generator, dtype=torch.float64),
+        torch.randn(3, 1, 4, 4, generator=generator, dtype=torch.float64),
+    )
     a = torch.tensor([0.9, 0.5, 0.01], dtype=torch.float64)[:, None, None, None]
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
     v = a.sqrt() * eps - (1 - a).sqrt() * x0
@@ -116,7 +119,9 @@ def test_single_step_scores_are_the_metrics_of_the_predictions(wiener):
         pred = wiener.denoise(trajectory.xt[step], t).double() + 0.1
         target = trajectory.x0[step].double()
         torch.testing.assert_close(scores.mse[step], torch.full((4,), 0.01, dtype=torch.float64), rtol=1e-4, atol=0)
-        expected = 1 - ((pred - target) ** 2).sum((1, 2, 3)) / ((target - target.mean((1, 2, 3), keepdim=True)) ** 2).sum((1, 2, 3))
+        expected = 1 - ((pred - target) ** 2).sum((1, 2, 3)) / (
+            (target - target.mean((1, 2, 3), keepdim=True)) ** 2
+        ).sum((1, 2, 3))
         torch.testing.assert_close(scores.r2[step], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -148,15 +153,28 @@ def test_the_comparison_measures_a_different_model(wiener):
 
 def test_schedule_mismatch_is_a_clear_error(wiener):
     with pytest.raises(ValueError, match="share one noise schedule.*squaredcos_cap_v2"):
-        compare_with_trained(wiener, wiener, DDPMScheduler(beta_schedule="squaredcos_cap_v2"), num_samples=1,
-                             num_inference_steps=2, show_progress=False)
+        compare_with_trained(
+            wiener,
+            wiener,
+            DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+            num_samples=1,
+            num_inference_steps=2,
+            show_progress=False,
+        )
     with pytest.raises(ValueError, match="share one noise schedule"):
-        compare_with_trained(wiener, wiener, DDPMScheduler(num_train_timesteps=500), num_samples=1,
-                             num_inference_steps=2, show_progress=False)
+        compare_with_trained(
+            wiener,
+            wiener,
+            DDPMScheduler(num_train_timesteps=500),
+            num_samples=1,
+            num_inference_steps=2,
+            show_progress=False,
+        )
 
 
 def test_shape_mismatch_is_a_clear_error(wiener):
     colour = WienerDenoiser(sample_size=8, in_channels=3)
     with pytest.raises(ValueError, match=r"shape \[3, 8, 8\].*\[1, 8, 8\]"):
-        compare_with_trained(wiener, colour, DDPMScheduler(), num_samples=1, num_inference_steps=2, show_progress=False)
-
+        compare_with_trained(
+            wiener, colour, DDPMScheduler(), num_samples=1, num_inference_steps=2, show_progress=False
+        )

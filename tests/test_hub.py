@@ -51,8 +51,16 @@ def built_faces(tmp_path_factory):
 def test_hub_configs_cover_every_method_and_data_set():
     configs = [hub.load_hub_config(path) for path in CONFIG_PATHS]
     pairs = {(config.method, config.data["source"]) for config in configs}
-    sources = ("ylecun/mnist", "zalando-datasets/fashion_mnist", "uoft-cs/cifar10", "korexyz/celeba-hq-256x256",
-               "huggan/AFHQv2", "digits", "faces", "patches")
+    sources = (
+        "ylecun/mnist",
+        "zalando-datasets/fashion_mnist",
+        "uoft-cs/cifar10",
+        "korexyz/celeba-hq-256x256",
+        "huggan/AFHQv2",
+        "digits",
+        "faces",
+        "patches",
+    )
     assert pairs == {(method, source) for method in hub.HUB_METHODS for source in sources}
     assert len(configs) == len(pairs)
 
@@ -207,12 +215,17 @@ def test_folder_of_a_newer_version_fails_naming_both(built_digits, tmp_path):
 
 def test_folder_naming_a_missing_module_fails_naming_both_versions(built_digits, tmp_path):
     folder = _copy_with_index(
-        built_digits, tmp_path, **{hub.VERSION_KEY: "0.0.1", "unet": ["diffusers_analytic.models.denoiser_gone", "GoneDenoiser"]}
+        built_digits,
+        tmp_path,
+        **{hub.VERSION_KEY: "0.0.1", "unet": ["diffusers_analytic.models.denoiser_gone", "GoneDenoiser"]},
     )
     with pytest.raises(ValueError) as error:
         AnalyticDDIMPipeline.from_pretrained(folder)
     message = str(error.value)
-    assert "diffusers-analytic 0.0.1" in message and f"installed diffusers-analytic {diffusers_analytic.__version__}" in message
+    assert (
+        "diffusers-analytic 0.0.1" in message
+        and f"installed diffusers-analytic {diffusers_analytic.__version__}" in message
+    )
     assert "denoiser_gone.GoneDenoiser" in message
 
 

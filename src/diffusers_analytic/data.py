@@ -152,7 +152,9 @@ def load_image_dataset(source: str, split: str = "train", streaming: bool = Fals
 
     if os.path.isdir(source):
         has_script_or_data = any(
-            name.endswith((".parquet", ".arrow", ".csv", ".json", ".jsonl")) for _, _, files in os.walk(source) for name in files
+            name.endswith((".parquet", ".arrow", ".csv", ".json", ".jsonl"))
+            for _, _, files in os.walk(source)
+            for name in files
         )
         if not has_script_or_data:
             return datasets.load_dataset("imagefolder", data_dir=source, split=split, streaming=streaming, **kwargs)
@@ -215,9 +217,7 @@ def _iter_hf_dataset(dataset, batch_size, image_column, label_column, resolution
         features = {name: None for name in columns}
     image_column = _find_column(features, _IMAGE_COLUMN_NAMES, "Image", "image", image_column)
     if image_column is None:
-        raise ValueError(
-            f"Could not find an image column among {list(features)}; name it with `image_column=`."
-        )
+        raise ValueError(f"Could not find an image column among {list(features)}; name it with `image_column=`.")
     label_column = _find_column(features, _LABEL_COLUMN_NAMES, "ClassLabel", "label", label_column)
     if channels is None:
         channels = 3

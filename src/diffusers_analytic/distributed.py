@@ -263,7 +263,9 @@ def all_reduce_online_softmax(
     return all_reduce_online_softmaxes([state], communicator, shapes, device)[0]
 
 
-def all_reduce_online_softmaxes(states: list, communicator: Communicator, shapes: list | None = None, device=None) -> list:
+def all_reduce_online_softmaxes(
+    states: list, communicator: Communicator, shapes: list | None = None, device=None
+) -> list:
     """
     [`all_reduce_online_softmax`] for several states at once (e.g. one per tile of output pixels), packed into one
     MAX and one SUM all-reduce whatever their number. `shapes` lists `(rows_shape, value_shape)` per state, needed
@@ -320,7 +322,9 @@ def all_reduce_nearest(
     """
     sentinel = torch.iinfo(torch.int64).max
     best = communicator.all_reduce(distances, "min")  # [B]
-    candidates = torch.where(distances == best, indices.to(torch.int64), torch.full_like(indices, sentinel, dtype=torch.int64))
+    candidates = torch.where(
+        distances == best, indices.to(torch.int64), torch.full_like(indices, sentinel, dtype=torch.int64)
+    )
     winner = communicator.all_reduce(candidates, "min")  # [B]
     is_mine = (indices.to(torch.int64) == winner).reshape(-1, *([1] * (images.ndim - 1)))
     winner_images = communicator.all_reduce(torch.where(is_mine, images, torch.zeros_like(images)), "sum")
@@ -347,7 +351,9 @@ class DataParallelShard:
     communicator: Any = field(default=None, repr=False)
 
 
-def shard_for_data_parallel(model, state: Any = None, index: int | None = None, num_shards: int | None = None, communicator=None):
+def shard_for_data_parallel(
+    model, state: Any = None, index: int | None = None, num_shards: int | None = None, communicator=None
+):
     r"""
     Data-parallel exact denoising: keep only this process's contiguous share of a data-holding denoiser's stored
     images; from then on each `denoise` / `forward` call combines the partial results of all processes (online-softmax
@@ -409,7 +415,9 @@ def shard_for_data_parallel(model, state: Any = None, index: int | None = None, 
         return model
     communicator = communicator or default_communicator(state)
     if communicator is None:
-        raise ValueError(f"Sharding over {num_shards} processes needs a communicator; torch.distributed is not initialised.")
+        raise ValueError(
+            f"Sharding over {num_shards} processes needs a communicator; torch.distributed is not initialised."
+        )
     num_images = len(denoiser.images)
     if num_images < num_shards:
         raise ValueError(f"Cannot shard {num_images} stored images over {num_shards} processes; use fewer processes.")

@@ -36,9 +36,13 @@ _MIN_ALPHA_PROD = 1e-20
 # ---------------------------------------------------------------------------------------------- metrics
 def _flatten_pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if pred.shape != target.shape:
-        raise ValueError(f"`pred` and `target` must have the same shape, got {list(pred.shape)} and {list(target.shape)}.")
+        raise ValueError(
+            f"`pred` and `target` must have the same shape, got {list(pred.shape)} and {list(target.shape)}."
+        )
     if pred.ndim < 2:
-        raise ValueError(f"`pred` and `target` must be batches [B, ...] of at least 2 dimensions, got {list(pred.shape)}.")
+        raise ValueError(
+            f"`pred` and `target` must be batches [B, ...] of at least 2 dimensions, got {list(pred.shape)}."
+        )
     return pred.reshape(len(pred), -1).double(), target.reshape(len(target), -1).double()
 
 
@@ -275,8 +279,16 @@ def trained_trajectory(
     """
     ddim = ddim_scheduler_like(scheduler)
     return sample_trajectory(
-        unet_predictor(unet, ddim), ddim, unet_sample_shape(unet), num_samples, num_inference_steps, seed, eta,
-        batch_size, device, show_progress,
+        unet_predictor(unet, ddim),
+        ddim,
+        unet_sample_shape(unet),
+        num_samples,
+        num_inference_steps,
+        seed,
+        eta,
+        batch_size,
+        device,
+        show_progress,
     )
 
 
@@ -454,14 +466,24 @@ def compare_with_trained(
             f"denoiser's are {list(denoiser.sample_shape)}."
         )
     # 1. The trained trajectory, and 2. the analytic x0_hat on its x_t.
-    trained = trained_trajectory(unet, scheduler, num_samples, num_inference_steps, seed, eta, batch_size, device, show_progress)
+    trained = trained_trajectory(
+        unet, scheduler, num_samples, num_inference_steps, seed, eta, batch_size, device, show_progress
+    )
     single_step = evaluate_on_trajectory(denoiser, trained, batch_size, device, show_progress)
 
     # 3. The analytic denoiser's own trajectory from the same x_T, with the same DDIM settings.
     analytic_scheduler = ddim_scheduler_like(scheduler, prediction_type=denoiser.config.prediction_type)
     analytic = sample_trajectory(
-        denoiser_predictor(denoiser), analytic_scheduler, shape, num_samples, num_inference_steps, seed, eta,
-        batch_size, device, show_progress,
+        denoiser_predictor(denoiser),
+        analytic_scheduler,
+        shape,
+        num_samples,
+        num_inference_steps,
+        seed,
+        eta,
+        batch_size,
+        device,
+        show_progress,
     )
     own_trajectory = score_steps(analytic.x0, trained.x0, trained.timesteps, keep=False)
     final = score_steps(analytic.final[None], trained.final[None], [-1], keep=False)

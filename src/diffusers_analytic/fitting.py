@@ -54,14 +54,18 @@ class StreamingMoments:
             self.shift = shift.clone()
             return
         delta = self.shift - shift  # d  [D]
-        self.outer += torch.outer(delta, self.sum) + torch.outer(self.sum, delta) + self.count * torch.outer(delta, delta)
+        self.outer += (
+            torch.outer(delta, self.sum) + torch.outer(self.sum, delta) + self.count * torch.outer(delta, delta)
+        )
         self.sum += self.count * delta
         self.shift = shift.clone()
 
     def merge(self, other: StreamingMoments) -> None:
         """Adds the moments of a disjoint set of images (re-centred to this object's shift)."""
         if other.dim != self.dim:
-            raise ValueError(f"Cannot merge moments of {other.dim}-dimensional images into {self.dim}-dimensional ones.")
+            raise ValueError(
+                f"Cannot merge moments of {other.dim}-dimensional images into {self.dim}-dimensional ones."
+            )
         if other.count == 0:
             return
         if self.count == 0:

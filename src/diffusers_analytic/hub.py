@@ -174,7 +174,14 @@ HUB_CONFIG_SCHEMA = {
 }
 
 
-_TYPE_NAMES = {dict: "a mapping", list: "a list", str: "a string", int: "an integer", bool: "true or false", type(None): "null"}
+_TYPE_NAMES = {
+    dict: "a mapping",
+    list: "a list",
+    str: "a string",
+    int: "an integer",
+    bool: "true or false",
+    type(None): "null",
+}
 
 
 def _type_names(types: tuple) -> str:
@@ -184,7 +191,9 @@ def _type_names(types: tuple) -> str:
 def _check_section(values: Any, schema: dict, where: str, prefix: str = "") -> dict:
     """`values` completed with defaults; unknown keys, missing fields and wrong types are ValueErrors."""
     if not isinstance(values, dict):
-        raise ValueError(f"{where}: `{prefix.rstrip('.') or 'the config'}` must be a mapping, got {type(values).__name__}.")
+        raise ValueError(
+            f"{where}: `{prefix.rstrip('.') or 'the config'}` must be a mapping, got {type(values).__name__}."
+        )
     unknown = sorted(set(values) - set(schema))
     if unknown:
         raise ValueError(
@@ -295,17 +304,23 @@ def validate_hub_config(raw: Any, where: str = "hub config") -> HubConfig:
             raise ValueError(f"{where}: `data.options` is only for the built-in `patches` set, got {data['options']}.")
         unknown = sorted(set(data["options"]) - {"num_images", "seed"})
         if unknown:
-            raise ValueError(f"{where}: unknown `data.options` {unknown}; the `patches` set takes num_images and seed.")
+            raise ValueError(
+                f"{where}: unknown `data.options` {unknown}; the `patches` set takes num_images and seed."
+            )
     _check_scheduler(values["scheduler"], where)
     if values["license"] == "other" and not (values["license_name"] and values["license_link"]):
         raise ValueError(f"{where}: `license: other` needs `license_name` and `license_link`.")
     for i, reference in enumerate(values["references"]):
-        values["references"][i] = _check_section(reference, {"title": _Field((str,)), "url": _Field((str,))}, where, f"references[{i}].")
+        values["references"][i] = _check_section(
+            reference, {"title": _Field((str,)), "url": _Field((str,))}, where, f"references[{i}]."
+        )
     if not all(isinstance(tag, str) for tag in values["tags"]):
         raise ValueError(f"{where}: `tags` must be a list of strings, got {values['tags']}.")
     sample = values["sample"]
     if sample["num_images"] < 1 or sample["num_inference_steps"] < 1:
-        raise ValueError(f"{where}: `sample.num_images` and `sample.num_inference_steps` must be positive, got {sample}.")
+        raise ValueError(
+            f"{where}: `sample.num_images` and `sample.num_inference_steps` must be positive, got {sample}."
+        )
     return HubConfig(**values)
 
 
@@ -313,7 +328,11 @@ def _check_method_params(method: str, params: dict, where: str) -> None:
     from .registry import DENOISERS
 
     if method in DENOISERS:
-        accepted = set(inspect.signature(DENOISERS[method].__init__).parameters) - {"self", "sample_size", "in_channels"}
+        accepted = set(inspect.signature(DENOISERS[method].__init__).parameters) - {
+            "self",
+            "sample_size",
+            "in_channels",
+        }
         accepted -= set(SCHEDULE_KEYS)
     else:
         accepted = set(METHOD_PARAMS[method])
@@ -407,7 +426,9 @@ class ConfiguredImages:
         data = self.data
         size = (data["resolution"], data["resolution"])
         total = self.expected_count()
-        progress = tqdm(total=total, desc=f"Reading {self.config.dataset_name}", unit="img", disable=not self.show_progress)
+        progress = tqdm(
+            total=total, desc=f"Reading {self.config.dataset_name}", unit="img", disable=not self.show_progress
+        )
         count = 0
         batches = iter_image_batches(
             self.source,
@@ -494,7 +515,11 @@ def fit_pipeline(config: HubConfig, show_progress: bool = True) -> tuple[Diffusi
 
 
 def sample_grid(
-    pipeline: DiffusionPipeline, num_images: int = 16, num_inference_steps: int = 50, seed: int = 0, min_size: int = 256
+    pipeline: DiffusionPipeline,
+    num_images: int = 16,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    min_size: int = 256,
 ) -> PIL.Image.Image:
     """
     A grid of `num_images` samples (image i seeded from `(seed, i)`, as `diffusers-analytic generate` does), upscaled
@@ -549,7 +574,9 @@ def render_model_card(config: HubConfig, info: BuildInfo) -> str:
         dataset_link = f"{config.dataset_name} (the built-in `{data['source']}` set of diffusers-analytic)"
     else:
         dataset_link = config.dataset_name
-    resolution = f"{data['resolution']}x{data['resolution']}, {data['channels']} channel{'s' if data['channels'] > 1 else ''}"
+    resolution = (
+        f"{data['resolution']}x{data['resolution']}, {data['channels']} channel{'s' if data['channels'] > 1 else ''}"
+    )
     resolution += " (shorter side resized, then center-cropped)" if data["resize"] else " (native size)"
     params = ", ".join(f"`{k}={v}`" for k, v in config.params.items()) or "the defaults"
     scheduler_config = {k: v for k, v in config.scheduler.items() if k != "class_name"}
@@ -560,7 +587,7 @@ def render_model_card(config: HubConfig, info: BuildInfo) -> str:
     lines = [
         f"# {title} on {config.dataset_name}",
         "",
-        f"A training-free (\"analytic\") diffusion model: no network was trained. {summary}",
+        f'A training-free ("analytic") diffusion model: no network was trained. {summary}',
         "",
         f"The denoiser (`{info.denoiser_class}`) takes the place of a trained UNet inside a diffusers pipeline, so it "
         "runs with any diffusers scheduler of the same noise schedule. Built with diffusers-analytic "
@@ -663,7 +690,12 @@ def build(
 
 # ---------------------------------------------------------------------------------------------- versions
 def _is_our_component(value) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0].startswith("diffusers_analytic.")
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and value[0].startswith("diffusers_analytic.")
+    )
 
 
 def _read_json_file(path: str) -> dict:
@@ -757,7 +789,9 @@ def check_saved_version(pretrained_model_name_or_path, kwargs: dict | None = Non
                 f"{module_name}.{class_name}, which the installed diffusers-analytic {__version__} does not have."
             )
     if saved is not None and str(saved) != __version__:
-        logger.info(f"Loading {pretrained_model_name_or_path}, saved by diffusers-analytic {saved}, with {__version__}.")
+        logger.info(
+            f"Loading {pretrained_model_name_or_path}, saved by diffusers-analytic {saved}, with {__version__}."
+        )
     return None if saved is None else str(saved)
 
 
@@ -775,7 +809,9 @@ def check_pipeline_folder(folder: str | os.PathLike) -> None:
     folder = os.fspath(folder)
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
-        raise ValueError(f"{folder} is not a pipeline folder: it has no model_index.json (build one with `build` or `fit`).")
+        raise ValueError(
+            f"{folder} is not a pipeline folder: it has no model_index.json (build one with `build` or `fit`)."
+        )
     index = _read_json_file(index_path)
     missing = [
         name
@@ -838,5 +874,3 @@ def hub_config_paths(directory: str | os.PathLike) -> list[str]:
     """The `*.yaml` files of a hub_configs folder, sorted."""
     directory = os.fspath(directory)
     return sorted(os.path.join(directory, name) for name in os.listdir(directory) if name.endswith((".yaml", ".yml")))
-
-

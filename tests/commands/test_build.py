@@ -17,7 +17,9 @@ from diffusers_analytic.registry import DENOISERS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HUB_CONFIGS = os.path.join(REPO_ROOT, "hub_configs")
-BUILTIN_CONFIGS = [p for p in hub.hub_config_paths(HUB_CONFIGS) if hub.load_hub_config(p).data["source"] in BUILTIN_DATASETS]
+BUILTIN_CONFIGS = [
+    p for p in hub.hub_config_paths(HUB_CONFIGS) if hub.load_hub_config(p).data["source"] in BUILTIN_DATASETS
+]
 # Built-in-data configs whose method is registered now (wiener at least; more once the other methods are merged).
 BUILDABLE = [p for p in BUILTIN_CONFIGS if hub.load_hub_config(p).method in DENOISERS]
 SMALL_SAMPLE = {"num_images": 4, "num_inference_steps": 4, "seed": 0}
@@ -52,7 +54,9 @@ def test_build_builtin_config_load_and_generate(path, tmp_path):
     assert type(pipe.unet) is DENOISERS[config.method]
     resolution, channels = config.data["resolution"], config.data["channels"]
     assert pipe.unet.sample_shape == (channels, resolution, resolution)
-    images = pipe(batch_size=2, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        batch_size=2, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
     assert images.shape == (2, resolution, resolution, channels) and np.isfinite(images).all()
     # The loaded pipeline redraws exactly the grid embedded in the card (same seeds, same statistics).
     redrawn = hub.sample_grid(pipe, **config.sample)
@@ -92,7 +96,17 @@ def test_build_cli_push_to_hub_uploads_the_built_folder(tmp_path, monkeypatch):
     path = tmp_path / "wiener-digits.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "built"
-    argv = ["build", str(path), "--output-dir", str(out), "--push-to-hub", "--private", "--token", "hf_x", "--no-progress"]
+    argv = [
+        "build",
+        str(path),
+        "--output-dir",
+        str(out),
+        "--push-to-hub",
+        "--private",
+        "--token",
+        "hf_x",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     assert [call[0] for call in calls] == ["create_repo", "upload_folder"]
     assert calls[0][1] == "diffusers-analytic/wiener-digits"
@@ -167,7 +181,9 @@ def test_build_rejects_data_that_does_not_match_the_config(tmp_path, data, messa
 def test_builtin_resolution_mismatch_and_channels(tmp_path):
     raw = yaml.safe_load(open(os.path.join(HUB_CONFIGS, "wiener-digits.yaml")))
     raw["data"]["resolution"] = 28
-    with pytest.raises(ValueError, match=r"Image 0 of scikit-learn digits is 8x8 but the config says `data.resolution: 28`"):
+    with pytest.raises(
+        ValueError, match=r"Image 0 of scikit-learn digits is 8x8 but the config says `data.resolution: 28`"
+    ):
         hub.build(hub.validate_hub_config(raw), str(tmp_path / "a"), show_progress=False)
     raw["data"].update(resolution=8, channels=3)
     with pytest.raises(ValueError, match=r"have 1 channels but the config says `data.channels: 3`"):

@@ -49,8 +49,20 @@ def test_cli_writes_the_schedule_into_a_new_pipeline(machines, tmp_path, capsys)
     da.AnalyticDDIMPipeline(unet=machine).save_pretrained(tmp_path / "machine")
     out = tmp_path / "calibrated"
     command = [
-        sys.executable, "-m", "diffusers_analytic", "calibrate", str(tmp_path / "machine"), str(tmp_path / "trained"),
-        "--output-dir", str(out), "--candidates", "1,3,5", "--num-samples", "2", "--num-inference-steps", "6",
+        sys.executable,
+        "-m",
+        "diffusers_analytic",
+        "calibrate",
+        str(tmp_path / "machine"),
+        str(tmp_path / "trained"),
+        "--output-dir",
+        str(out),
+        "--candidates",
+        "1,3,5",
+        "--num-samples",
+        "2",
+        "--num-inference-steps",
+        "6",
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -58,7 +70,9 @@ def test_cli_writes_the_schedule_into_a_new_pipeline(machines, tmp_path, capsys)
     calibrated = da.AnalyticDDIMPipeline.from_pretrained(out).unet
     report = json.loads((out / "calibration.json").read_text())
     assert calibrated.config.patch_size_schedule == report["patch_size_schedule"]
-    assert [calibrated.patch_size_at(t)[0] for t in report["timesteps"]] == [trained.patch_size_at(t)[0] for t in report["timesteps"]]
+    assert [calibrated.patch_size_at(t)[0] for t in report["timesteps"]] == [
+        trained.patch_size_at(t)[0] for t in report["timesteps"]
+    ]
     assert torch.equal(calibrated.images, machine.images)
     # The source folder is untouched, and an existing output needs --overwrite.
     assert da.AnalyticDDIMPipeline.from_pretrained(tmp_path / "machine").unet.config.patch_size_schedule == 7

@@ -31,13 +31,39 @@ def test_fit_refuses_to_overwrite_and_accepts_config_overrides(wiener_folder, tm
     assert main(["fit", "--method", "wiener", "--data", "digits", "--output-dir", str(wiener_folder)]) == 2
     out = tmp_path / "v"
     code = main(
-        ["fit", "--method", "wiener", "--data", "faces", "--output-dir", str(out), "--config", "rank=32",
-         "--config", "prediction_type=v_prediction"]
+        [
+            "fit",
+            "--method",
+            "wiener",
+            "--data",
+            "faces",
+            "--output-dir",
+            str(out),
+            "--config",
+            "rank=32",
+            "--config",
+            "prediction_type=v_prediction",
+        ]
     )
     assert code == 0
     config = json.loads((out / "unet" / "config.json").read_text())
     assert config["rank"] == 32 and config["prediction_type"] == "v_prediction" and config["sample_size"] == 25
-    assert main(["fit", "--method", "wiener", "--data", "digits", "--output-dir", str(tmp_path / "x"), "--config", "bogus=1"]) == 2
+    assert (
+        main(
+            [
+                "fit",
+                "--method",
+                "wiener",
+                "--data",
+                "digits",
+                "--output-dir",
+                str(tmp_path / "x"),
+                "--config",
+                "bogus=1",
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -67,8 +93,18 @@ def test_generate_writes_indexed_pngs_grid_and_manifest(wiener_folder, tmp_path)
 def test_generate_with_another_scheduler(wiener_folder, tmp_path):
     out = tmp_path / "euler"
     code = main(
-        ["generate", str(wiener_folder), "--num-images", "2", "--num-inference-steps", "8", "--scheduler", "euler",
-         "--output-dir", str(out)]
+        [
+            "generate",
+            str(wiener_folder),
+            "--num-images",
+            "2",
+            "--num-inference-steps",
+            "8",
+            "--scheduler",
+            "euler",
+            "--output-dir",
+            str(out),
+        ]
     )
     assert code == 0
     assert json.loads((out / "manifest.json").read_text())["scheduler"] == "EulerDiscreteScheduler"
@@ -78,14 +114,30 @@ def test_bad_arguments_are_clear_errors(wiener_folder, tmp_path, capsys):
     assert main(["generate", str(wiener_folder), "--num-images", "0", "--output-dir", str(tmp_path)]) == 2
     assert main(["generate", str(wiener_folder), "--scheduler", "nope", "--output-dir", str(tmp_path)]) == 2
     assert "Unknown scheduler" in capsys.readouterr().err
-    assert main(["fit", "--method", "wiener", "--data", "no-such-set-or-folder", "--output-dir", str(tmp_path / "y")]) == 2
+    assert (
+        main(["fit", "--method", "wiener", "--data", "no-such-set-or-folder", "--output-dir", str(tmp_path / "y")])
+        == 2
+    )
 
 
 def test_python_dash_m_entry_point(wiener_folder, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "diffusers_analytic", "generate", str(wiener_folder), "--num-images", "1",
-         "--num-inference-steps", "4", "--output-dir", str(tmp_path / "m")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "diffusers_analytic",
+            "generate",
+            str(wiener_folder),
+            "--num-images",
+            "1",
+            "--num-inference-steps",
+            "4",
+            "--output-dir",
+            str(tmp_path / "m"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "m" / "000000.png").exists()

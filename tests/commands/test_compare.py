@@ -42,11 +42,27 @@ def folders(tmp_path_factory):
 
 def test_compare_end_to_end(folders, tmp_path):
     out = tmp_path / "out"
-    code = main([
-        "compare", str(folders / "wiener"), str(folders / "trained"), "--output-dir", str(out),
-        "--num-inference-steps", "4", "--num-samples", "5", "--batch-size", "3", "--grid-samples", "3", "--seed", "11",
-        "--device", "cpu",
-    ])
+    code = main(
+        [
+            "compare",
+            str(folders / "wiener"),
+            str(folders / "trained"),
+            "--output-dir",
+            str(out),
+            "--num-inference-steps",
+            "4",
+            "--num-samples",
+            "5",
+            "--batch-size",
+            "3",
+            "--grid-samples",
+            "3",
+            "--seed",
+            "11",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -86,8 +102,21 @@ def test_compare_end_to_end(folders, tmp_path):
 
 def test_compare_rejects_a_different_noise_schedule(folders, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["compare", str(folders / "wiener"), str(folders / "trained-cosine"), "--output-dir", str(out),
-                 "--num-inference-steps", "2", "--num-samples", "1", "--device", "cpu"])
+    code = main(
+        [
+            "compare",
+            str(folders / "wiener"),
+            str(folders / "trained-cosine"),
+            "--output-dir",
+            str(out),
+            "--num-inference-steps",
+            "2",
+            "--num-samples",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 2
     error = capsys.readouterr().err
     assert "share one noise schedule" in error and "squaredcos_cap_v2" in error
@@ -97,8 +126,21 @@ def test_compare_rejects_a_different_noise_schedule(folders, tmp_path, capsys):
 def test_compare_two_analytic_pipelines(folders, tmp_path):
     # An analytic folder as TRAINED: compared with itself, R^2 = 1 at every step.
     out = tmp_path / "out"
-    code = main(["compare", str(folders / "wiener"), str(folders / "wiener"), "--output-dir", str(out),
-                 "--num-inference-steps", "3", "--num-samples", "2", "--device", "cpu"])
+    code = main(
+        [
+            "compare",
+            str(folders / "wiener"),
+            str(folders / "wiener"),
+            "--output-dir",
+            str(out),
+            "--num-inference-steps",
+            "3",
+            "--num-samples",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["trained_model"] == "WienerDenoiser"
@@ -107,7 +149,16 @@ def test_compare_two_analytic_pipelines(folders, tmp_path):
 
 
 def test_compare_rejects_bad_counts(folders, tmp_path, capsys):
-    code = main(["compare", str(folders / "wiener"), str(folders / "trained"), "--output-dir", str(tmp_path / "o"),
-                 "--num-samples", "0"])
+    code = main(
+        [
+            "compare",
+            str(folders / "wiener"),
+            str(folders / "trained"),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--num-samples",
+            "0",
+        ]
+    )
     assert code == 2
     assert "must be positive" in capsys.readouterr().err

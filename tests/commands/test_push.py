@@ -48,12 +48,29 @@ def hub_calls(monkeypatch):
 
 
 def test_push_cli_uploads_the_folder_in_one_commit(built, hub_calls):
-    argv = ["push", str(built), "--repo-id", "someone/wiener-digits", "--private", "--revision", "v2",
-            "--token", "hf_abc", "--commit-message", "Rebuild with 1797 digits"]
+    argv = [
+        "push",
+        str(built),
+        "--repo-id",
+        "someone/wiener-digits",
+        "--private",
+        "--revision",
+        "v2",
+        "--token",
+        "hf_abc",
+        "--commit-message",
+        "Rebuild with 1797 digits",
+    ]
     assert main(argv) == 0
     assert [name for name, _ in hub_calls] == ["create_repo", "create_branch", "upload_folder"]
     create = hub_calls[0][1]
-    assert create == {"repo_id": "someone/wiener-digits", "token": "hf_abc", "private": True, "repo_type": "model", "exist_ok": True}
+    assert create == {
+        "repo_id": "someone/wiener-digits",
+        "token": "hf_abc",
+        "private": True,
+        "repo_type": "model",
+        "exist_ok": True,
+    }
     assert hub_calls[1][1]["branch"] == "v2" and hub_calls[1][1]["exist_ok"] is True
     upload = hub_calls[2][1]
     assert upload["repo_id"] == "someone/wiener-digits"
@@ -88,7 +105,9 @@ def test_push_defaults(built, hub_calls):
         (lambda folder: None, "just-a-name", "must look like `org/name`"),
     ],
 )
-def test_push_rejects_bad_input_before_any_hub_call(built, hub_calls, tmp_path, capsys, break_folder, repo_id, message):
+def test_push_rejects_bad_input_before_any_hub_call(
+    built, hub_calls, tmp_path, capsys, break_folder, repo_id, message
+):
     folder = tmp_path / "copy"
     shutil.copytree(built, folder)
     break_folder(folder)

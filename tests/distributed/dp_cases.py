@@ -70,10 +70,16 @@ def cases() -> list:
     return [
         ("toy_optimal", toy, inputs),
         ("optimal", da.OptimalDenoiser.from_dataset(images, chunk_size=37, show_progress=False), inputs),
-        ("optimal_class", da.OptimalDenoiser.from_dataset(labelled_digits(), chunk_size=64, show_progress=False), conditional),
+        (
+            "optimal_class",
+            da.OptimalDenoiser.from_dataset(labelled_digits(), chunk_size=64, show_progress=False),
+            conditional,
+        ),
         (
             "scfdm",
-            da.SmoothedCFDMDenoiser.from_dataset(images, chunk_size=50, num_noise=3, smoothing_std=0.2, show_progress=False),
+            da.SmoothedCFDMDenoiser.from_dataset(
+                images, chunk_size=50, num_noise=3, smoothing_std=0.2, show_progress=False
+            ),
             seeded,
         ),
         ("nearest", da.NearestDatasetDenoiser.from_dataset(images, chunk_size=40, show_progress=False), inputs),
@@ -90,7 +96,9 @@ def cases() -> list:
         ("pca_locality_all_ones", all_ones, noisy_inputs(all_ones, patches.images)[:2]),
         (
             "pca_locality_class",
-            da.PCALocalityDenoiser.from_dataset(labelled_digits(), mask_threshold=0.02, chunk_size=64, show_progress=False),
+            da.PCALocalityDenoiser.from_dataset(
+                labelled_digits(), mask_threshold=0.02, chunk_size=64, show_progress=False
+            ),
             conditional,
         ),
     ]

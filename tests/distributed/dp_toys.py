@@ -91,5 +91,7 @@ class ToyOptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             # -||x - sqrt(a) y||^2 / (2 (1 - a)) up to the row constant ||x||^2
             logits = (2 * a.sqrt() * (x @ y.T) - a * (y * y).sum(1)) / (2 * one_minus_a)  # [B, n]
             state.update(logits, lambda w, y=y: w @ y)
-        state = reduce_softmax_over_shards(self, state, rows_shape=(len(x),), value_shape=(x.shape[1],), device=x.device)
+        state = reduce_softmax_over_shards(
+            self, state, rows_shape=(len(x),), value_shape=(x.shape[1],), device=x.device
+        )
         return state.result().reshape(x_t.shape)

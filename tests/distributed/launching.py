@@ -23,8 +23,21 @@ def subprocess_env() -> dict:
 def accelerate_launch(args: list[str], num_processes: int = 2) -> list[str]:
     """The launch form that starts `num_processes` processes on CPU-only machines and on GPU machines alike."""
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *args,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        *args,
     ]
 
 

@@ -51,8 +51,21 @@ def test_skip_existing_resumes_without_rewriting(wiener_dir, tmp_path):
 def test_skip_existing_refuses_a_different_run(wiener_dir, tmp_path, capsys):
     out = str(tmp_path / "run")
     generate(wiener_dir, out)
-    code = main(["generate", wiener_dir, "--num-images", "5", "--num-inference-steps", "3", "--output-dir", out,
-                 "--seed", "1", "--skip-existing"])
+    code = main(
+        [
+            "generate",
+            wiener_dir,
+            "--num-images",
+            "5",
+            "--num-inference-steps",
+            "3",
+            "--output-dir",
+            out,
+            "--seed",
+            "1",
+            "--skip-existing",
+        ]
+    )
     assert code == 2
     assert "--skip-existing would mix images of two different runs" in capsys.readouterr().err
 

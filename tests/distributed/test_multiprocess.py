@@ -41,8 +41,20 @@ def worker_out(tmp_path_factory, wiener_dir, optimal_dir) -> str:
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
 def test_two_processes_generate_the_same_files_as_one(worker_out, wiener_dir, tmp_path, scheduler):
     one = str(tmp_path / "one")
-    generate_single(wiener_dir, one, "--num-images", str(NUM_IMAGES), "--batch-size", "3", "--num-inference-steps",
-                    "4", "--seed", "3", "--scheduler", scheduler)
+    generate_single(
+        wiener_dir,
+        one,
+        "--num-images",
+        str(NUM_IMAGES),
+        "--batch-size",
+        "3",
+        "--num-inference-steps",
+        "4",
+        "--seed",
+        "3",
+        "--scheduler",
+        scheduler,
+    )
     two = os.path.join(worker_out, scheduler)
     assert png_bytes(two) == png_bytes(one)
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))  # grid, manifest, no temporary files left

@@ -216,7 +216,9 @@ def test_one_shard_alone_is_a_different_posterior():
 
 def test_shard_for_data_parallel_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="stores no training images"):
-        shard_for_data_parallel(da.WienerDenoiser(sample_size=4, in_channels=1), index=0, num_shards=2, communicator=object())
+        shard_for_data_parallel(
+            da.WienerDenoiser(sample_size=4, in_channels=1), index=0, num_shards=2, communicator=object()
+        )
     denoiser = dp_cases.toy_optimal()
     with pytest.raises(ValueError, match="needs a communicator"):
         shard_for_data_parallel(denoiser, index=0, num_shards=2)

@@ -38,30 +38,61 @@ def run(out: str, wiener_dir: str, dp_pipeline_dir: str) -> None:
 
     # 1. generation through the CLI: 7 images in batches of 2, DDIM and the stochastic DDPM
     for scheduler in ("ddim", "ddpm"):
-        code = main(["generate", wiener_dir, "--num-images", "7", "--batch-size", "2", "--num-inference-steps", "4",
-                     "--output-dir", os.path.join(out, scheduler), "--seed", "3", "--scheduler", scheduler])
+        code = main(
+            [
+                "generate",
+                wiener_dir,
+                "--num-images",
+                "7",
+                "--batch-size",
+                "2",
+                "--num-inference-steps",
+                "4",
+                "--output-dir",
+                os.path.join(out, scheduler),
+                "--seed",
+                "3",
+                "--scheduler",
+                scheduler,
+            ]
+        )
         assert code == 0
 
     # 2. distributed fit through the CLI (each process streams its shard, the sums are all-reduced, the main process
     #    saves); count the all-reduces to be sure the fit was shared
     calls = []
     all_reduce_moments = distributed.all_reduce_moments
-    distributed.all_reduce_moments = lambda moments, communicator: calls.append(moments.count) or all_reduce_moments(
-        moments, communicator
+    distributed.all_reduce_moments = lambda moments, communicator: (
+        calls.append(moments.count) or all_reduce_moments(moments, communicator)
     )
-    code = main(["fit", "--method", "wiener", "--data", "digits", "--output-dir", os.path.join(out, "fit"),
-                 "--batch-size", "100"])
+    code = main(
+        [
+            "fit",
+            "--method",
+            "wiener",
+            "--data",
+            "digits",
+            "--output-dir",
+            os.path.join(out, "fit"),
+            "--batch-size",
+            "100",
+        ]
+    )
     distributed.all_reduce_moments = all_reduce_moments
     assert code == 0 and calls == [899 if rank == 0 else 898], calls
     # a data-holding method is fitted by the main process alone
-    assert main(["fit", "--method", "optimal", "--data", "digits", "--output-dir", os.path.join(out, "fit-optimal")]) == 0
+    assert (
+        main(["fit", "--method", "optimal", "--data", "digits", "--output-dir", os.path.join(out, "fit-optimal")]) == 0
+    )
 
     # 3. moments of a datasets.Dataset, sharded with split_dataset_by_node
     dataset = dp_cases.digits_dataset()
     moments, _ = fit_moments(shard_data(dataset, state), batch_size=64, show_progress=False)
     if rank == 0:
-        torch.save({"count": moments.count, "mean": moments.mean, "cov": moments.covariance()},
-                   os.path.join(out, "moments.pt"))
+        torch.save(
+            {"count": moments.count, "mean": moments.mean, "cov": moments.covariance()},
+            os.path.join(out, "moments.pt"),
+        )
 
     # 4. data-parallel exact denoising: every data-holding denoiser case, sharded over the 2 processes
     results = {}
@@ -82,8 +113,21 @@ def run(out: str, wiener_dir: str, dp_pipeline_dir: str) -> None:
     assert image[:, 0].tolist() == [2.0, 2.0, 1.0], image
 
     # 6. data-parallel generation through the CLI
-    code = main(["generate", dp_pipeline_dir, "--num-images", "3", "--batch-size", "2",
-                 "--num-inference-steps", "3", "--output-dir", os.path.join(out, "dp-generate"), "--data-parallel"])
+    code = main(
+        [
+            "generate",
+            dp_pipeline_dir,
+            "--num-images",
+            "3",
+            "--batch-size",
+            "2",
+            "--num-inference-steps",
+            "3",
+            "--output-dir",
+            os.path.join(out, "dp-generate"),
+            "--data-parallel",
+        ]
+    )
     assert code == 0
     state.wait_for_everyone()
 

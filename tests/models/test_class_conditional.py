@@ -62,7 +62,10 @@ def test_samples_are_nearest_to_an_image_of_the_requested_class(digits, cls, con
     pipe = da.AnalyticDDIMPipeline(unet=denoiser, scheduler=DDIMScheduler())
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
     samples = pipe(
-        batch_size=10, num_inference_steps=20, generator=torch.Generator().manual_seed(0), output_type="pt",
+        batch_size=10,
+        num_inference_steps=20,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
         class_labels=labels,
     ).images
     samples = samples.double().reshape(10, -1) * 2 - 1

@@ -15,7 +15,12 @@ from tests.models.patch_brute_force import els_brute_force, model_space, optimal
 @pytest.fixture(scope="module")
 def data(digits):
     crops = da.load_builtin("patches", size=8, num_images=30, seed=1, channels=3)
-    return {"digits": digits.images[:8], "crops": crops.images[:8], "crops_queries": crops.images[24:], "digits_queries": digits.images[100:]}
+    return {
+        "digits": digits.images[:8],
+        "crops": crops.images[:8],
+        "crops_queries": crops.images[24:],
+        "digits_queries": digits.images[100:],
+    }
 
 
 def noisy(images: torch.Tensor, a: float, seed: int) -> torch.Tensor:
@@ -135,11 +140,15 @@ def test_pipeline_with_schedulers_and_save_load(digits, scheduler, tmp_path):
     )
     pipe = da.AnalyticDDIMPipeline(unet=den, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(batch_size=2, num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = pipe(
+        batch_size=2, num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     assert images.shape == (2, 8, 8, 1) and (images >= 0).all() and (images <= 1).all()
     pipe.save_pretrained(tmp_path / "els")
     loaded = da.AnalyticDDIMPipeline.from_pretrained(tmp_path / "els")
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded.unet, da.EquivariantLocalScoreDenoiser) and loaded.unet.config.boundary_aware
-    again = loaded(batch_size=2, num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="np").images
+    again = loaded(
+        batch_size=2, num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     assert (again == images).all()

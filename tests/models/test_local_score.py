@@ -13,7 +13,12 @@ from tests.models.patch_brute_force import ls_brute_force, model_space, optimal_
 @pytest.fixture(scope="module")
 def data(digits):
     crops = da.load_builtin("patches", size=8, num_images=40, seed=1, channels=3)
-    return {"digits": digits.images[:16], "crops": crops.images[:16], "crops_queries": crops.images[24:], "digits_queries": digits.images[100:]}
+    return {
+        "digits": digits.images[:16],
+        "crops": crops.images[:16],
+        "crops_queries": crops.images[24:],
+        "digits_queries": digits.images[100:],
+    }
 
 
 def noisy(images: torch.Tensor, a: float, seed: int) -> torch.Tensor:

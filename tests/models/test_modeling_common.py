@@ -177,7 +177,9 @@ def test_save_and_load_round_trip(fitted, digits_small, method, tmp_path):
         assert loaded.state_dict()[name].dtype == buffer.dtype, name
     x = noisy(digits_small.images[:3], 0.4)
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
-    torch.testing.assert_close(loaded.denoise(x, 450.5, generator=g()), den.denoise(x, 450.5, generator=g()), rtol=0, atol=0)
+    torch.testing.assert_close(
+        loaded.denoise(x, 450.5, generator=g()), den.denoise(x, 450.5, generator=g()), rtol=0, atol=0
+    )
 
 
 def test_truncated_weights_file_is_a_clear_error(fitted, tmp_path):

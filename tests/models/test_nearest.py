@@ -12,18 +12,18 @@ def digits():
     return da.load_builtin("digits")
 
 
-@pytest.mark.parametrize(
-    "timestep, chunk_size", [(999, 7), (999, 1797), (500, 1), (500, 512), (30, 7), (30, 1797)]
-)
+@pytest.mark.parametrize("timestep, chunk_size", [(999, 7), (999, 1797), (500, 1), (500, 512), (30, 7), (30, 1797)])
 def test_equals_float64_argmin(digits, chunk_size, timestep):
     denoiser = da.NearestDatasetDenoiser.from_dataset(digits, chunk_size=chunk_size)
     y = digits.images.double().reshape(len(digits.images), -1) / 127.5 - 1
     a = denoiser.alphas_cumprod[timestep]
     generator = torch.Generator().manual_seed(timestep)
-    x = torch.cat([
-        a.sqrt() * y[:4] + (1 - a).sqrt() * torch.randn(4, 64, generator=generator, dtype=torch.float64),
-        torch.randn(4, 64, generator=generator, dtype=torch.float64),
-    ]).float()
+    x = torch.cat(
+        [
+            a.sqrt() * y[:4] + (1 - a).sqrt() * torch.randn(4, 64, generator=generator, dtype=torch.float64),
+            torch.randn(4, 64, generator=generator, dtype=torch.float64),
+        ]
+    ).float()
     out = denoiser.denoise(x.reshape(8, 1, 8, 8), timestep).double().reshape(8, -1)
     distances = ((x.double()[:, None] - a.sqrt() * y[None]) ** 2).sum(-1)  # posterior-consistent: sqrt(a) y
     best = distances.argmin(1)

@@ -178,7 +178,9 @@ def test_memorizes_training_images_end_to_end(digits):
     train = digits.images[:64]
     denoiser = da.OptimalDenoiser.from_dataset(train)
     pipe = da.AnalyticDDIMPipeline(unet=denoiser, scheduler=DDIMScheduler())
-    samples = pipe(batch_size=6, num_inference_steps=50, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    samples = pipe(
+        batch_size=6, num_inference_steps=50, generator=torch.Generator().manual_seed(0), output_type="pt"
+    ).images
     samples = samples.double().reshape(6, -1) * 2 - 1  # [0, 1] -> model space
     y = train.double().reshape(64, -1) / 127.5 - 1
     rms = ((samples[:, None] - y[None]) ** 2).mean(-1).sqrt().min(dim=1).values

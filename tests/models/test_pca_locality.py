@@ -113,7 +113,9 @@ def test_sparse_tilings_are_exact(patch_denoiser, variant, timesteps):
         mask = denoiser.locality_mask(alpha_prod).mask
         entry = denoiser._prepare_mask(mask, 2, variants=(variant,), max_tile_pixels=12)
         assert len(entry.tiles) == 64
-        assert all(q_idx is not None and complement == (variant == "complement") for _, q_idx, complement in entry.tiles)
+        assert all(
+            q_idx is not None and complement == (variant == "complement") for _, q_idx, complement in entry.tiles
+        )
         assert sum(len(q_idx) for _, q_idx, _ in entry.tiles) < len(entry.tiles) * mask.shape[0]  # really sparse
         x_t = noisy(images, alpha_prod, generator, 2)
         out = denoiser._denoise_group(x_t, alpha_prod, 1 - alpha_prod, mask=entry)
@@ -208,12 +210,20 @@ def test_chunk_size_and_data_order_do_not_change_the_result(digits_denoiser):
         alpha_prod = float(denoiser.alphas_cumprod[t])
         x_t = noisy(images, alpha_prod, generator, 4).reshape(4, 1, 8, 8)
         exact = reference_x0(images, x_t, alpha_prod, reference_mask(denoiser, alpha_prod, 0.02))
-        results = [denoiser._denoise_group(x_t.reshape(4, -1), alpha_prod, 1 - alpha_prod, chunk_size=c) for c in (7, 512, 1797)]
+        results = [
+            denoiser._denoise_group(x_t.reshape(4, -1), alpha_prod, 1 - alpha_prod, chunk_size=c)
+            for c in (7, 512, 1797)
+        ]
         results.append(permuted.denoise(x_t, t).reshape(4, -1))
         for result in results:
             assert rel_err(result, exact) <= 1e-4
         # averaging per-batch softmaxes (batches of 512) is measurably different from the exact one-batch result
-        assert rel_err(per_batch_average_x0(images, x_t, alpha_prod, reference_mask(denoiser, alpha_prod, 0.02), 512), exact) > 1e-2
+        assert (
+            rel_err(
+                per_batch_average_x0(images, x_t, alpha_prod, reference_mask(denoiser, alpha_prod, 0.02), 512), exact
+            )
+            > 1e-2
+        )
 
 
 # ---------------------------------------------------------------------------------------------- storage, sampling
@@ -230,8 +240,13 @@ def test_save_load_and_sampling(tmp_path, digits_denoiser):
     x_t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(8))
     assert torch.equal(loaded.unet.denoise(x_t, 300), denoiser.denoise(x_t, 300))
 
-    out = loaded(batch_size=3, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="latent",
-                 return_intermediates=True)
+    out = loaded(
+        batch_size=3,
+        num_inference_steps=10,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        return_intermediates=True,
+    )
     assert torch.isfinite(out.images).all()
     assert out.images.abs().max() <= 1 + 1e-5  # the last x0_hat: a per-pixel convex combination of data
     assert all(x0.abs().max() <= 1 + 1e-5 for x0 in out.trajectory_x0)
@@ -293,7 +308,19 @@ def test_cli_fit(tmp_path):
     from diffusers_analytic.commands.cli import main
 
     output = tmp_path / "pipe"
-    main(["fit", "--method", "pca_locality", "--data", "digits", "--output-dir", str(output), "--config", "mask_threshold=0.05"])
+    main(
+        [
+            "fit",
+            "--method",
+            "pca_locality",
+            "--data",
+            "digits",
+            "--output-dir",
+            str(output),
+            "--config",
+            "mask_threshold=0.05",
+        ]
+    )
     loaded = da.AnalyticDDIMPipeline.from_pretrained(output)
     assert isinstance(loaded.unet, PCALocalityDenoiser)
     assert loaded.unet.config.mask_threshold == 0.05 and loaded.unet.images.dtype == torch.uint8

@@ -77,11 +77,15 @@ def test_top_k_with_all_images_equals_exact(digits):
 def test_pipeline_reproducible_after_save_load(digits, tmp_path):
     denoiser = da.SmoothedCFDMDenoiser.from_dataset(digits, num_noise=2, smoothing_std=0.1)
     pipe = da.AnalyticDDIMPipeline(unet=denoiser, scheduler=DDIMScheduler())
-    images = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    images = pipe(
+        batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="pt"
+    ).images
     pipe.save_pretrained(tmp_path)
     loaded = da.AnalyticDDIMPipeline.from_pretrained(tmp_path)
     assert loaded.unet.images.dtype == torch.uint8 and torch.equal(loaded.unet.images, denoiser.images)
-    again = loaded(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    again = loaded(
+        batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="pt"
+    ).images
     assert torch.equal(images, again)
 
 

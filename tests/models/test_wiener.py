@@ -116,7 +116,9 @@ def test_sampling_reproduces_the_gaussian():
 
     pipe = da.AnalyticDDIMPipeline(unet=denoiser, scheduler=DDIMScheduler(clip_sample=False))
     pipe.set_progress_bar_config(disable=True)
-    samples = pipe(batch_size=4000, num_inference_steps=50, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    samples = pipe(
+        batch_size=4000, num_inference_steps=50, generator=torch.Generator().manual_seed(0), output_type="latent"
+    ).images
     samples = samples.reshape(4000, -1).double()
     sample_cov = torch.cov(samples.T)
     cov_error = torch.linalg.norm(sample_cov - fitted_cov) / torch.linalg.norm(fitted_cov)

@@ -115,7 +115,9 @@ def test_callback_on_step_end_sees_and_can_replace_latents(pipe):
         seen.append((i, int(t), kwargs["latents"].shape))
         return {"latents": kwargs["latents"] * 0} if i == 4 else {}
 
-    out = pipe(batch_size=2, num_inference_steps=5, generator=gen(), output_type="latent", callback_on_step_end=callback)
+    out = pipe(
+        batch_size=2, num_inference_steps=5, generator=gen(), output_type="latent", callback_on_step_end=callback
+    )
     assert [s[0] for s in seen] == list(range(5)) and seen[0][2] == (2, 1, 8, 8)
     assert torch.count_nonzero(out.images) == 0
 

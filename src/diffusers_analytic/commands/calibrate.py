@@ -56,7 +56,9 @@ def parse_candidates(text: str) -> list[int]:
     for item in text.split(","):
         item = item.strip()
         if not item.isdigit() or int(item) % 2 == 0 or int(item) < 1:
-            raise ValueError(f"--candidates must be odd positive integers separated by commas, got {item!r} in {text!r}.")
+            raise ValueError(
+                f"--candidates must be odd positive integers separated by commas, got {item!r} in {text!r}."
+            )
         sizes.append(int(item))
     return sorted(set(sizes))
 
@@ -125,7 +127,9 @@ def calibrate_patch_sizes(
     from ..models.patch_schedule import schedule_from_steps
 
     if not hasattr(machine, "denoise_with_patch_size"):
-        raise ValueError(f"calibrate needs an LS or ELS machine (a patch-size schedule), got a {type(machine).__name__}.")
+        raise ValueError(
+            f"calibrate needs an LS or ELS machine (a patch-size schedule), got a {type(machine).__name__}."
+        )
     if not candidates:
         raise ValueError("`candidates` must hold at least one patch size.")
     check_same_schedule(machine, scheduler)
@@ -136,7 +140,13 @@ def calibrate_patch_sizes(
         )
     # 1. The trained model's own trajectory: x_t and its x0_hat at every step.
     trajectory = trained_trajectory(
-        unet, scheduler, num_samples, num_inference_steps, seed, batch_size=batch_size, device=device,
+        unet,
+        scheduler,
+        num_samples,
+        num_inference_steps,
+        seed,
+        batch_size=batch_size,
+        device=device,
         show_progress=show_progress,
     )
     # 2. Each (distinct, after capping) candidate's x0_hat on the same x_t, scored by R^2 per sample.
@@ -144,7 +154,10 @@ def calibrate_patch_sizes(
     median_r2 = {}
     for k in tqdm(effective, desc="Patch sizes", unit="size", disable=not show_progress):
         scores = evaluate_on_trajectory(
-            lambda x_t, t, k=k: machine.denoise_with_patch_size(x_t, t, k), trajectory, batch_size, device,
+            lambda x_t, t, k=k: machine.denoise_with_patch_size(x_t, t, k),
+            trajectory,
+            batch_size,
+            device,
             show_progress=False,
         )
         median_r2[k] = torch.nanmedian(scores.r2, dim=1).values.tolist()  # [S]
@@ -184,7 +197,10 @@ def run(args) -> None:
     unet.to(device).eval()
 
     calibration = calibrate_patch_sizes(
-        machine, unet, scheduler, candidates,
+        machine,
+        unet,
+        scheduler,
+        candidates,
         num_samples=args.num_samples,
         num_inference_steps=args.num_inference_steps,
         seed=args.seed,
@@ -194,8 +210,13 @@ def run(args) -> None:
     machine.set_patch_size_schedule(calibration.schedule)
     save_atomically(pipeline.to("cpu"), output_dir, overwrite=args.overwrite)
     write_json(
-        {"machine": args.machine, "trained": args.trained, "num_samples": args.num_samples, "seed": args.seed,
-         **calibration.to_dict()},
+        {
+            "machine": args.machine,
+            "trained": args.trained,
+            "num_samples": args.num_samples,
+            "seed": args.seed,
+            **calibration.to_dict(),
+        },
         os.path.join(output_dir, "calibration.json"),
     )
     table = ", ".join(f"t={t}: k={k}" for t, k in zip(calibration.timesteps, calibration.patch_sizes))

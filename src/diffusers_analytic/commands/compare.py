@@ -88,7 +88,9 @@ def run(args) -> None:
     unet.to(device).eval()
 
     comparison = compare_with_trained(
-        denoiser, unet, scheduler,
+        denoiser,
+        unet,
+        scheduler,
         num_samples=args.num_samples,
         num_inference_steps=args.num_inference_steps,
         seed=args.seed,
@@ -168,7 +170,12 @@ def write_grids(comparison, output_dir: str, grid_samples: int, grid_steps: int)
     trained, analytic = comparison.trained, comparison.analytic
     num_steps, num_samples = trained.x0.shape[:2]
     samples = min(grid_samples, num_samples)
-    steps = sorted({round(i * (num_steps - 1) / max(1, min(grid_steps, num_steps) - 1)) for i in range(min(grid_steps, num_steps))})
+    steps = sorted(
+        {
+            round(i * (num_steps - 1) / max(1, min(grid_steps, num_steps) - 1))
+            for i in range(min(grid_steps, num_steps))
+        }
+    )
     height = trained.x0.shape[-2]
     upscale = max(1, math.ceil(64 / height))
 
@@ -178,7 +185,10 @@ def write_grids(comparison, output_dir: str, grid_samples: int, grid_steps: int)
         grid.save(temporary, format="PNG")
         os.replace(temporary, path)
 
-    for name, analytic_x0 in (("grid_single_step.png", comparison.single_step.x0), ("grid_own_trajectory.png", analytic.x0)):
+    for name, analytic_x0 in (
+        ("grid_single_step.png", comparison.single_step.x0),
+        ("grid_own_trajectory.png", analytic.x0),
+    ):
         rows = []
         for i in range(samples):
             rows.append(trained.x0[steps, i])  # [steps, C, H, W]

@@ -40,8 +40,12 @@ def register(subparsers) -> None:
     parser.add_argument("--split", default="train", help="data set split (datasets sources)")
     parser.add_argument("--image-column", default=None, help="image column (detected if omitted)")
     parser.add_argument("--label-column", default=None, help="label column (detected if omitted)")
-    parser.add_argument("--resolution", type=int, default=None, help="resize + center-crop to this size (datasets sources)")
-    parser.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 = grey, 3 = RGB (datasets sources)")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="resize + center-crop to this size (datasets sources)"
+    )
+    parser.add_argument(
+        "--channels", type=int, choices=(1, 3), default=None, help="1 = grey, 3 = RGB (datasets sources)"
+    )
     parser.add_argument("--patch-size", type=int, default=32, help="crop size of the built-in `patches` set")
     parser.add_argument("--num-patches", type=int, default=2000, help="number of crops of the built-in `patches` set")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the built-in `patches` set")
@@ -73,7 +77,10 @@ def parse_overrides(pairs: list[str]) -> dict:
 def load_data(args):
     if args.data == "patches":
         return load_image_dataset(
-            "patches", size=args.patch_size, num_images=args.num_patches, seed=args.data_seed,
+            "patches",
+            size=args.patch_size,
+            num_images=args.num_patches,
+            seed=args.data_seed,
             channels=args.channels or 3,
         )
     if args.data in BUILTIN_DATASETS:

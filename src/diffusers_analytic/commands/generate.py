@@ -53,11 +53,19 @@ def register(subparsers) -> None:
         "--karras", action="store_true", help="use Karras sigmas (use_karras_sigmas; EDM: sigma_schedule=karras)"
     )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    parser.add_argument("--class-label", type=int, default=None, help="generate this class (denoisers fitted with labels)")
+    parser.add_argument(
+        "--class-label", type=int, default=None, help="generate this class (denoisers fitted with labels)"
+    )
     parser.add_argument("--skip-existing", action="store_true", help="do not regenerate images already on disk")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the process's accelerator or cpu)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the denoiser's statistics")
-    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on NVIDIA GPUs (faster, ~1e-3 relative error)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: the process's accelerator or cpu)"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the denoiser's statistics"
+    )
+    parser.add_argument(
+        "--tf32", action="store_true", help="allow TF32 matmuls on NVIDIA GPUs (faster, ~1e-3 relative error)"
+    )
     parser.add_argument("--revision", default=None, help="Hub revision of SRC")
     parser.add_argument(
         "--data-parallel",
@@ -127,7 +135,10 @@ def _generate(args) -> None:
         _write_json(manifest, os.path.join(args.output_dir, "manifest.json"))
     state.wait_for_everyone()
 
-    batches = [list(range(start, min(start + args.batch_size, args.num_images))) for start in range(0, args.num_images, args.batch_size)]
+    batches = [
+        list(range(start, min(start + args.batch_size, args.num_images)))
+        for start in range(0, args.num_images, args.batch_size)
+    ]
     # Generation-parallel: processes share out the batches. Data-parallel: all run all batches, the main one writes.
     writes = state.is_main_process if args.data_parallel else True
     sharing = contextlib.nullcontext(batches) if args.data_parallel else state.split_between_processes(batches)
@@ -156,8 +167,17 @@ def _generate(args) -> None:
 
 # What decides the pixels of image i (besides i): a resumed run must agree on all of it.
 _RESUME_KEYS = (
-    "seed", "num_inference_steps", "scheduler", "scheduler_config", "eta", "class_label", "source", "revision",
-    "denoiser", "dtype", "tf32",
+    "seed",
+    "num_inference_steps",
+    "scheduler",
+    "scheduler_config",
+    "eta",
+    "class_label",
+    "source",
+    "revision",
+    "denoiser",
+    "dtype",
+    "tf32",
 )
 
 

@@ -101,7 +101,9 @@ class EquivariantLocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, Mo
         if padding not in PATCH_PADDINGS:
             raise ValueError(f"`padding` must be one of {PATCH_PADDINGS}, got {padding!r}.")
         if boundary_aware and padding != "zeros":
-            raise ValueError(f"`boundary_aware=True` needs zero padding (circular images have no border), got {padding!r}.")
+            raise ValueError(
+                f"`boundary_aware=True` needs zero padding (circular images have no border), got {padding!r}."
+            )
         self._init_patch_machine()  # checks the schedule and chunk size; buffers `images` [N, C, H, W], `labels` [N]
         self._mean = StoredImageMean(per_channel=True)
         self._groups: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -183,7 +185,9 @@ class EquivariantLocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, Mo
             stored = self.images[start : start + images_per_chunk].to(device)
             chunk = to_model_space(stored)  # y  [n, C, H, W]
             # 2. Training patches q'_j of the chunk's images (padded by the same rule, then centred) and their centres.
-            chunk_patches = image_patches(pad_images(chunk, radius, config.padding) - mean, patch_size)  # [n, H W, C k k]
+            chunk_patches = image_patches(
+                pad_images(chunk, radius, config.padding) - mean, patch_size
+            )  # [n, H W, C k k]
             centers = (chunk - mean).flatten(2).transpose(1, 2)  # center(q'_j) per position  [n, H W, C]
             labels = None if class_labels is None else self.labels[start : start + len(chunk)].to(device)
             for (query_positions, train_positions), softmax in zip(groups, softmaxes):

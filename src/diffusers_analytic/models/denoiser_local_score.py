@@ -159,5 +159,3 @@ class LocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, ModelMixin, C
                 lambda weights, chunk=chunk: torch.einsum("bhwn,nchw->bhwc", weights, chunk),
             )
         return softmax.result().permute(0, 3, 1, 2) + mean  # [B, C, H, W]
-
-

@@ -99,8 +99,14 @@ class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         stats = self._stats.get(self.images, self.config.chunk_size)
         # 1. i* = argmin_i ||x_t - sqrt(a) y_i||^2, streamed (restricted to each sample's class when asked).
         nearest, scores = nearest_indices(
-            x_t.reshape(len(x_t), -1), alpha_prod_t, self.images, stats, self.config.chunk_size,
-            labels=self.labels, class_labels=class_labels, return_scores=True,
+            x_t.reshape(len(x_t), -1),
+            alpha_prod_t,
+            self.images,
+            stats,
+            self.config.chunk_size,
+            labels=self.labels,
+            class_labels=class_labels,
+            return_scores=True,
         )  # [B], [B]
         # 2. x0_hat = y_{i*}, converted from the stored dtype (a data-parallel shard takes the winner over all shards).
         x0_hat = to_model_space(self.images[nearest], torch.float32)

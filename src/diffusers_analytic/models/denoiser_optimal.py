@@ -98,7 +98,9 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         if int(chunk_size) < 1:
             raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
         if num_neighbors is not None and not 1 <= num_neighbors <= num_images:
-            raise ValueError(f"`num_neighbors` must be in [1, {num_images}] (the number of images), got {num_neighbors}.")
+            raise ValueError(
+                f"`num_neighbors` must be in [1, {num_images}] (the number of images), got {num_neighbors}."
+            )
         if faiss_index not in INDEX_TYPES:
             raise ValueError(f"`faiss_index` must be one of {INDEX_TYPES}, got {faiss_index!r}.")
         self.register_buffer("images", image_storage(num_images, self.sample_shape, storage_dtype))  # y  [N, C, H, W]
@@ -150,8 +152,15 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         if config.num_neighbors is None:
             # Exact: softmax over all N images (or all of each sample's class), streamed.
             x0_hat = posterior_mean(
-                x_flat, alpha_prod_t, beta_prod_t, self.images, stats, config.chunk_size, config.temperature,
-                labels=self.labels, class_labels=class_labels,
+                x_flat,
+                alpha_prod_t,
+                beta_prod_t,
+                self.images,
+                stats,
+                config.chunk_size,
+                config.temperature,
+                labels=self.labels,
+                class_labels=class_labels,
                 reduce_softmax=lambda state: reduce_softmax_over_shards(self, state),
             )
             return x0_hat.reshape(x_t.shape)
@@ -160,8 +169,15 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         # logits over those k only. (At a = 0 every image is equally far, and any k are as good as any other.)
         sqrt_a = alpha_prod_t.sqrt().clamp(min=1e-30).to(x_flat.dtype)[:, None]
         neighbours = self._neighbors.search(
-            x_flat / sqrt_a, config.num_neighbors, self.images, config.chunk_size, config.faiss_index,
-            config.ivf_threshold, config.ivf_nprobe, labels=self.labels, class_labels=class_labels,
+            x_flat / sqrt_a,
+            config.num_neighbors,
+            self.images,
+            config.chunk_size,
+            config.faiss_index,
+            config.ivf_threshold,
+            config.ivf_nprobe,
+            labels=self.labels,
+            class_labels=class_labels,
         )
         x0_hat = posterior_mean_over_neighbors(
             x_flat, alpha_prod_t, beta_prod_t, self.images, stats, neighbours, config.chunk_size, config.temperature

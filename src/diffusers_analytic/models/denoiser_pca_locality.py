@@ -135,7 +135,9 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         self.register_buffer("mean", torch.zeros(dim))  # mu  [D]
         self.register_buffer("eigvecs", torch.zeros(dim, dim))  # U  [D, D]
         self.register_buffer("eigvals", torch.zeros(dim))  # lam [D]
-        self.register_buffer("images", torch.zeros(num_images, channels, height, width, dtype=STORAGE_DTYPES[storage_dtype]))
+        self.register_buffer(
+            "images", torch.zeros(num_images, channels, height, width, dtype=STORAGE_DTYPES[storage_dtype])
+        )
         if has_labels:
             self.register_buffer("labels", torch.zeros(num_images, dtype=torch.int64))  # [N]
         else:
@@ -167,11 +169,20 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         """
         data_keys = ("image_column", "label_column", "resolution", "channels", "labels")
         data_kwargs = {k: config.pop(k) for k in data_keys if k in config}
-        stored, labels, storage_dtype = collect_images(images, storage_dtype=storage_dtype, batch_size=batch_size, **data_kwargs)
+        stored, labels, storage_dtype = collect_images(
+            images, storage_dtype=storage_dtype, batch_size=batch_size, **data_kwargs
+        )
         if len(stored) < 2:
-            raise ValueError(f"PCA locality needs at least 2 images (the covariance is undefined for fewer), got {len(stored)}.")
+            raise ValueError(
+                f"PCA locality needs at least 2 images (the covariance is undefined for fewer), got {len(stored)}."
+            )
         moments, shape = fit_moments(stored, batch_size=batch_size, show_progress=show_progress)
-        config = {**config, "num_images": len(stored), "storage_dtype": storage_dtype, "has_labels": labels is not None}
+        config = {
+            **config,
+            "num_images": len(stored),
+            "storage_dtype": storage_dtype,
+            "has_labels": labels is not None,
+        }
         denoiser = cls(**cls._config_for_data(shape, config))
         eigvecs, eigvals, _ = eigen_decomposition(moments.covariance())
         denoiser.mean.copy_(moments.mean)
@@ -232,7 +243,11 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         x0_hat = torch.empty_like(x_flat)
         groups: dict = {}
         for b in range(batch_size):
-            key = (float(alpha_prod_t[b]), float(beta_prod_t[b]), None if class_labels is None else int(class_labels[b]))
+            key = (
+                float(alpha_prod_t[b]),
+                float(beta_prod_t[b]),
+                None if class_labels is None else int(class_labels[b]),
+            )
             groups.setdefault(key, []).append(b)
         for (alpha_prod, beta_prod, label), members in groups.items():
             index = torch.tensor(members, device=x_t.device)
@@ -287,7 +302,9 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         for _, y in image_chunks(self.images, chunk_size, indices=subset, device=x_t.device):
             y_c = y - mean  # [n, D]
             if needs_full:
-                full = (x_c @ y_c.T).mul_(2.0 * sqrt_a * scale).sub_(y_c.square().sum(1).mul_(alpha_prod * scale))  # [B, n]
+                full = (
+                    (x_c @ y_c.T).mul_(2.0 * sqrt_a * scale).sub_(y_c.square().sum(1).mul_(alpha_prod * scale))
+                )  # [B, n]
             for (p_idx, q_idx, complement), mask_t, softmax in zip(mask.tiles, tile_masks, softmaxes):
                 x_q = x_c if q_idx is None else x_c[:, q_idx]  # [B, K]
                 query = (x_q[:, None, :] * mask_t[None]).reshape(-1, mask_t.shape[1])  # x[b, q] M[q, p]  [B P, K]

@@ -94,7 +94,9 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         if int(chunk_size) < 1:
             raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
         if num_neighbors is not None and not 1 <= num_neighbors <= num_images:
-            raise ValueError(f"`num_neighbors` must be in [1, {num_images}] (the number of images), got {num_neighbors}.")
+            raise ValueError(
+                f"`num_neighbors` must be in [1, {num_images}] (the number of images), got {num_neighbors}."
+            )
         if faiss_index not in INDEX_TYPES:
             raise ValueError(f"`faiss_index` must be one of {INDEX_TYPES}, got {faiss_index!r}.")
         self.register_buffer("images", image_storage(num_images, self.sample_shape, storage_dtype))  # y  [N, C, H, W]
@@ -131,14 +133,28 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         config = self.config
         if config.num_neighbors is None:
             return posterior_mean(
-                x_flat, alpha_prod_t, beta_prod_t, self.images, stats, config.chunk_size, config.temperature,
-                labels=self.labels, class_labels=class_labels,
+                x_flat,
+                alpha_prod_t,
+                beta_prod_t,
+                self.images,
+                stats,
+                config.chunk_size,
+                config.temperature,
+                labels=self.labels,
+                class_labels=class_labels,
                 reduce_softmax=lambda state: reduce_softmax_over_shards(self, state),
             )
         sqrt_a = alpha_prod_t.sqrt().clamp(min=1e-30).to(x_flat.dtype)[:, None]
         neighbours = self._neighbors.search(
-            x_flat / sqrt_a, config.num_neighbors, self.images, config.chunk_size,
-            config.faiss_index, config.ivf_threshold, config.ivf_nprobe, labels=self.labels, class_labels=class_labels,
+            x_flat / sqrt_a,
+            config.num_neighbors,
+            self.images,
+            config.chunk_size,
+            config.faiss_index,
+            config.ivf_threshold,
+            config.ivf_nprobe,
+            labels=self.labels,
+            class_labels=class_labels,
         )
         return posterior_mean_over_neighbors(
             x_flat, alpha_prod_t, beta_prod_t, self.images, stats, neighbours, config.chunk_size, config.temperature
@@ -154,10 +170,14 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             return self._optimal(x_flat, alpha_prod_t, beta_prod_t, stats, class_labels).reshape(x_t.shape)
 
         # 1. M perturbed copies x_t + sigma_s z_j, z_j drawn in order j = 0 .. M-1 from the call's generator(s).
-        noise = torch.stack([
-            randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype).reshape(batch_size, -1)
-            for _ in range(num_noise)
-        ])  # [M, B, D]
+        noise = torch.stack(
+            [
+                randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype).reshape(
+                    batch_size, -1
+                )
+                for _ in range(num_noise)
+            ]
+        )  # [M, B, D]
         perturbed = (x_flat[None] + config.smoothing_std * noise).reshape(num_noise * batch_size, -1)  # [M*B, D]
 
         # 2. The optimal denoiser on all M*B copies at once (one GEMM stream), then 3. the average over j.

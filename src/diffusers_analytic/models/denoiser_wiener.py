@@ -75,7 +75,11 @@ class WienerDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             **config: `rank`, the schedule, `prediction_type`; data-source options `image_column`, `resolution`,
                 `channels`; `sample_size` / `in_channels` are read from the data.
         """
-        data_kwargs = {k: config.pop(k) for k in ("image_column", "label_column", "resolution", "channels", "labels") if k in config}
+        data_kwargs = {
+            k: config.pop(k)
+            for k in ("image_column", "label_column", "resolution", "channels", "labels")
+            if k in config
+        }
         moments, shape = fit_moments(images, batch_size=batch_size, show_progress=show_progress, **data_kwargs)
         denoiser = cls(**cls._config_for_data(shape, config))
         eigvecs, eigvals, floor = eigen_decomposition(moments.covariance(), denoiser.config.rank)

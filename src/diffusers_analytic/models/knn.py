@@ -113,7 +113,9 @@ class NeighborIndex:
                 index = build_index(images, chunk_size, index_type, ivf_threshold, ivf_nprobe, members)
                 self._indices[group] = (index, members)
             index, members = self._indices[group]
-            rows = torch.arange(len(queries)) if group is None else torch.nonzero(class_labels.cpu() == group).flatten()
+            rows = (
+                torch.arange(len(queries)) if group is None else torch.nonzero(class_labels.cpu() == group).flatten()
+            )
             group_k = min(k, index.ntotal)
             _, neighbours = index.search(np.ascontiguousarray(queries[rows.to(queries.device)].cpu().numpy()), group_k)
             neighbours = torch.from_numpy(neighbours).long()  # [rows, group_k], -1 = not found

@@ -190,7 +190,9 @@ class AnalyticDenoiserMixin:
         num_train_timesteps = len(self._alphas_cumprod)
         if isinstance(timestep, torch.Tensor):
             if timestep.ndim > 1:
-                raise ValueError(f"`timestep` must be a number, a 0-d or a 1-d tensor, got shape {tuple(timestep.shape)}.")
+                raise ValueError(
+                    f"`timestep` must be a number, a 0-d or a 1-d tensor, got shape {tuple(timestep.shape)}."
+                )
             if timestep.is_complex() or timestep.dtype == torch.bool:
                 raise ValueError(f"`timestep` must be an integer or floating tensor, got dtype {timestep.dtype}.")
             t = timestep.detach().to("cpu", torch.float64).reshape(-1)

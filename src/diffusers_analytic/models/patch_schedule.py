@@ -123,7 +123,9 @@ def schedule_from_steps(log_snrs: list[float], patch_sizes: list[int], clip: flo
     Infinite log-SNR values (a = 0 or 1) are clipped to +-`clip` first, so every breakpoint is finite.
     """
     if len(log_snrs) != len(patch_sizes) or not log_snrs:
-        raise ValueError(f"Need one patch size per step, got {len(log_snrs)} noise levels and {len(patch_sizes)} sizes.")
+        raise ValueError(
+            f"Need one patch size per step, got {len(log_snrs)} noise levels and {len(patch_sizes)} sizes."
+        )
     steps = sorted(
         ((max(-clip, min(clip, float(lam))), _check_patch_size(k)) for lam, k in zip(log_snrs, patch_sizes)),
         key=lambda item: -item[0],
@@ -205,7 +207,9 @@ class PatchMachineMixin:
         if self._fixed_patch_size is not None:
             sizes = [self.effective_patch_size(self._fixed_patch_size)] * len(x_t)
         else:
-            sizes = [self.effective_patch_size(k) for k in patch_sizes_at(self._patch_schedule, alpha_prod_t, beta_prod_t)]
+            sizes = [
+                self.effective_patch_size(k) for k in patch_sizes_at(self._patch_schedule, alpha_prod_t, beta_prod_t)
+            ]
         x0_hat = torch.empty_like(x_t)
         for k in sorted(set(sizes)):
             rows = torch.tensor([b for b, size in enumerate(sizes) if size == k], device=x_t.device)

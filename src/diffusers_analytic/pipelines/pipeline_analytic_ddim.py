@@ -86,7 +86,14 @@ def schedule_mismatch(denoiser, scheduler) -> str | None:
 
 def scheduler_from_denoiser(denoiser, scheduler_class=DDIMScheduler, **kwargs):
     """A scheduler of `scheduler_class` with the denoiser's training schedule and prediction type."""
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+    keys = (
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "rescale_betas_zero_snr",
+    )
     config = {k: denoiser.config[k] for k in keys}
     config["prediction_type"] = denoiser.config.prediction_type
     accepted = inspect.signature(scheduler_class.__init__).parameters
@@ -288,7 +295,12 @@ def _import_component_modules(pretrained_model_name_or_path, kwargs) -> None:
     with open(index_path) as f:
         index = json.load(f)
     for value in index.values():
-        if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith("diffusers_analytic."):
+        if (
+            isinstance(value, list)
+            and value
+            and isinstance(value[0], str)
+            and value[0].startswith("diffusers_analytic.")
+        ):
             try:
                 importlib.import_module(value[0])
             except ImportError as error:
