@@ -14,15 +14,12 @@ from .functional import (
     OnlineSoftmax,
     StoredImageMean,
     box_sum,
-    collect_images,
     patch_logit_coefficients,
 )
 from .modeling_analytic import AnalyticDenoiserMixin
 from .patch_schedule import PatchMachineMixin
 
 logger = logging.get_logger(__name__)
-
-DATA_KEYWORDS = ("image_column", "label_column", "resolution", "channels", "labels")
 
 
 class LocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
@@ -110,14 +107,10 @@ class LocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, ModelMixin, C
             **config: `patch_size_schedule`, `padding`, `chunk_size`, the schedule, `prediction_type`; data-source
                 options `labels`, `image_column`, `label_column`, `resolution`, `channels`.
         """
-        data_kwargs = {key: config.pop(key) for key in DATA_KEYWORDS if key in config}
-        stored, labels, dtype_name = collect_images(images, storage_dtype, batch_size=batch_size, **data_kwargs)
-        config = {**config, "num_images": len(stored), "storage_dtype": dtype_name, "has_labels": labels is not None}
-        denoiser = cls(**cls._config_for_data(tuple(stored.shape[1:]), config))
-        denoiser.images.copy_(stored)
-        if labels is not None:
-            denoiser.labels.copy_(labels)
-        logger.info(f"Stored {len(stored)} images ({dtype_name}) in a local score (LS) machine.")
+        stored, labels, config = cls._read_images_for_storage(images, batch_size, storage_dtype, config)
+        denoiser = cls(**config)
+        denoiser._copy_stored_images(stored, labels)
+        logger.info(f"Stored {len(stored)} images ({config['storage_dtype']}) in a local score (LS) machine.")
         return denoiser
 
     def effective_patch_size(self, patch_size: int) -> int:

@@ -10,12 +10,10 @@ from diffusers.utils import logging
 
 from ..data import to_model_space
 from ..distributed import reduce_nearest_over_shards
-from .functional import StoredImageStats, collect_images, image_storage, nearest_indices
+from .functional import StoredImageStats, nearest_indices
 from .modeling_analytic import AnalyticDenoiserMixin
 
 logger = logging.get_logger(__name__)
-
-DATA_KEYWORDS = ("image_column", "label_column", "resolution", "channels", "labels")
 
 
 class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
@@ -66,11 +64,7 @@ class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         self._init_analytic()
         if int(chunk_size) < 1:
             raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
-        self.register_buffer("images", image_storage(num_images, self.sample_shape, storage_dtype))  # y  [N, C, H, W]
-        if has_labels:
-            self.register_buffer("labels", torch.zeros(num_images, dtype=torch.int64))  # [N]
-        else:
-            self.labels = None
+        self._register_image_storage(num_images, storage_dtype, has_labels)  # images [N, C, H, W], labels [N]
         self._stats = StoredImageStats()
 
     @classmethod
@@ -81,18 +75,11 @@ class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         Stores the training images (and their labels, when the source has them); arguments as in
         [`OptimalDenoiser.from_dataset`].
         """
-        data_kwargs = {key: config.pop(key) for key in DATA_KEYWORDS if key in config}
-        stored, labels, dtype_name = collect_images(images, storage_dtype, batch_size=batch_size, **data_kwargs)
-        config = {**config, "num_images": len(stored), "storage_dtype": dtype_name, "has_labels": labels is not None}
-        denoiser = cls(**cls._config_for_data(tuple(stored.shape[1:]), config))
-        denoiser.images.copy_(stored)
-        if labels is not None:
-            denoiser.labels.copy_(labels)
-        logger.info(f"Stored {len(stored)} images ({dtype_name}) in a nearest-dataset denoiser.")
+        stored, labels, config = cls._read_images_for_storage(images, batch_size, storage_dtype, config)
+        denoiser = cls(**config)
+        denoiser._copy_stored_images(stored, labels)
+        logger.info(f"Stored {len(stored)} images ({config['storage_dtype']}) in a nearest-dataset denoiser.")
         return denoiser
-
-    def _known_labels(self) -> torch.Tensor | None:
-        return None if self.labels is None else torch.unique(self.labels.cpu())
 
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
         # Notation: alpha_prod_t -> a, images -> y_1 .. y_N.

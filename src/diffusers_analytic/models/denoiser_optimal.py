@@ -3,7 +3,6 @@ images (DESIGN.md section 2)."""
 
 from __future__ import annotations
 
-import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging
@@ -11,8 +10,6 @@ from diffusers.utils import logging
 from ..distributed import reduce_softmax_over_shards
 from .functional import (
     StoredImageStats,
-    collect_images,
-    image_storage,
     posterior_mean,
     posterior_mean_over_neighbors,
 )
@@ -20,8 +17,6 @@ from .knn import INDEX_TYPES, NeighborIndex
 from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive
 
 logger = logging.get_logger(__name__)
-
-DATA_KEYWORDS = ("image_column", "label_column", "resolution", "channels", "labels")
 
 
 class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
@@ -103,11 +98,7 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             )
         if faiss_index not in INDEX_TYPES:
             raise ValueError(f"`faiss_index` must be one of {INDEX_TYPES}, got {faiss_index!r}.")
-        self.register_buffer("images", image_storage(num_images, self.sample_shape, storage_dtype))  # y  [N, C, H, W]
-        if has_labels:
-            self.register_buffer("labels", torch.zeros(num_images, dtype=torch.int64))  # [N]
-        else:
-            self.labels = None
+        self._register_image_storage(num_images, storage_dtype, has_labels)  # images [N, C, H, W], labels [N]
         self._stats = StoredImageStats()
         self._neighbors = NeighborIndex()
 
@@ -131,18 +122,11 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
                 `channels`. `sample_size`, `in_channels`, `num_images`, `storage_dtype`, `has_labels` come from
                 the data.
         """
-        data_kwargs = {key: config.pop(key) for key in DATA_KEYWORDS if key in config}
-        stored, labels, dtype_name = collect_images(images, storage_dtype, batch_size=batch_size, **data_kwargs)
-        config = {**config, "num_images": len(stored), "storage_dtype": dtype_name, "has_labels": labels is not None}
-        denoiser = cls(**cls._config_for_data(tuple(stored.shape[1:]), config))
-        denoiser.images.copy_(stored)
-        if labels is not None:
-            denoiser.labels.copy_(labels)
-        logger.info(f"Stored {len(stored)} images ({dtype_name}) in an optimal denoiser.")
+        stored, labels, config = cls._read_images_for_storage(images, batch_size, storage_dtype, config)
+        denoiser = cls(**config)
+        denoiser._copy_stored_images(stored, labels)
+        logger.info(f"Stored {len(stored)} images ({config['storage_dtype']}) in an optimal denoiser.")
         return denoiser
-
-    def _known_labels(self) -> torch.Tensor | None:
-        return None if self.labels is None else torch.unique(self.labels.cpu())
 
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
         # Notation: alpha_prod_t -> a, beta_prod_t -> 1 - a, temperature -> tau, images -> y_1 .. y_N.

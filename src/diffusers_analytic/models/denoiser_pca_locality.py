@@ -14,7 +14,7 @@ from diffusers.utils import logging
 
 from ..distributed import reduce_softmax_over_shards, reduce_softmaxes_over_shards
 from ..fitting import eigen_decomposition, fit_moments
-from .functional import STORAGE_DTYPES, OnlineSoftmax, collect_images, image_chunks, locality_tiles, pca_locality_mask
+from .functional import STORAGE_DTYPES, OnlineSoftmax, image_chunks, locality_tiles, pca_locality_mask
 from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive
 
 logger = logging.get_logger(__name__)
@@ -135,13 +135,7 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         self.register_buffer("mean", torch.zeros(dim))  # mu  [D]
         self.register_buffer("eigvecs", torch.zeros(dim, dim))  # U  [D, D]
         self.register_buffer("eigvals", torch.zeros(dim))  # lam [D]
-        self.register_buffer(
-            "images", torch.zeros(num_images, channels, height, width, dtype=STORAGE_DTYPES[storage_dtype])
-        )
-        if has_labels:
-            self.register_buffer("labels", torch.zeros(num_images, dtype=torch.int64))  # [N]
-        else:
-            self.register_buffer("labels", None)
+        self._register_image_storage(num_images, storage_dtype, has_labels)  # images [N, C, H, W], labels [N]
         self._mask_cache: OrderedDict = OrderedDict()
 
     @classmethod
@@ -167,35 +161,20 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             **config: `temperature`, `mask_threshold`, `chunk_size`, the schedule, `prediction_type`; data-source
                 options `image_column`, `label_column`, `resolution`, `channels`, `labels`.
         """
-        data_keys = ("image_column", "label_column", "resolution", "channels", "labels")
-        data_kwargs = {k: config.pop(k) for k in data_keys if k in config}
-        stored, labels, storage_dtype = collect_images(
-            images, storage_dtype=storage_dtype, batch_size=batch_size, **data_kwargs
-        )
+        stored, labels, config = cls._read_images_for_storage(images, batch_size, storage_dtype, config)
         if len(stored) < 2:
             raise ValueError(
                 f"PCA locality needs at least 2 images (the covariance is undefined for fewer), got {len(stored)}."
             )
         moments, shape = fit_moments(stored, batch_size=batch_size, show_progress=show_progress)
-        config = {
-            **config,
-            "num_images": len(stored),
-            "storage_dtype": storage_dtype,
-            "has_labels": labels is not None,
-        }
-        denoiser = cls(**cls._config_for_data(shape, config))
+        denoiser = cls(**config)
         eigvecs, eigvals, _ = eigen_decomposition(moments.covariance())
         denoiser.mean.copy_(moments.mean)
         denoiser.eigvecs.copy_(eigvecs)
         denoiser.eigvals.copy_(eigvals)
-        denoiser.images.copy_(stored)
-        if labels is not None:
-            denoiser.labels.copy_(labels)
+        denoiser._copy_stored_images(stored, labels)
         logger.info(f"Fitted a PCA-locality denoiser on {len(stored)} images of shape {list(shape)}.")
         return denoiser
-
-    def _known_labels(self) -> torch.Tensor | None:
-        return None if self.labels is None else torch.unique(self.labels.cpu())
 
     # ------------------------------------------------------------------ the mask of a noise level
     def locality_mask(self, alpha_prod: float, batch_size: int = 8) -> LocalityMask:

@@ -14,8 +14,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..distributed import reduce_softmax_over_shards
 from .functional import (
     StoredImageStats,
-    collect_images,
-    image_storage,
     posterior_mean,
     posterior_mean_over_neighbors,
 )
@@ -23,8 +21,6 @@ from .knn import INDEX_TYPES, NeighborIndex
 from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive
 
 logger = logging.get_logger(__name__)
-
-DATA_KEYWORDS = ("image_column", "label_column", "resolution", "channels", "labels")
 
 
 class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
@@ -99,11 +95,7 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             )
         if faiss_index not in INDEX_TYPES:
             raise ValueError(f"`faiss_index` must be one of {INDEX_TYPES}, got {faiss_index!r}.")
-        self.register_buffer("images", image_storage(num_images, self.sample_shape, storage_dtype))  # y  [N, C, H, W]
-        if has_labels:
-            self.register_buffer("labels", torch.zeros(num_images, dtype=torch.int64))  # [N]
-        else:
-            self.labels = None
+        self._register_image_storage(num_images, storage_dtype, has_labels)  # images [N, C, H, W], labels [N]
         self._stats = StoredImageStats()
         self._neighbors = NeighborIndex()
 
@@ -115,18 +107,11 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         Stores the training images (and their labels, when the source has them); arguments as in
         [`OptimalDenoiser.from_dataset`], with `num_noise` and `smoothing_std` among the config keywords.
         """
-        data_kwargs = {key: config.pop(key) for key in DATA_KEYWORDS if key in config}
-        stored, labels, dtype_name = collect_images(images, storage_dtype, batch_size=batch_size, **data_kwargs)
-        config = {**config, "num_images": len(stored), "storage_dtype": dtype_name, "has_labels": labels is not None}
-        denoiser = cls(**cls._config_for_data(tuple(stored.shape[1:]), config))
-        denoiser.images.copy_(stored)
-        if labels is not None:
-            denoiser.labels.copy_(labels)
-        logger.info(f"Stored {len(stored)} images ({dtype_name}) in a smoothed CFDM denoiser.")
+        stored, labels, config = cls._read_images_for_storage(images, batch_size, storage_dtype, config)
+        denoiser = cls(**config)
+        denoiser._copy_stored_images(stored, labels)
+        logger.info(f"Stored {len(stored)} images ({config['storage_dtype']}) in a smoothed CFDM denoiser.")
         return denoiser
-
-    def _known_labels(self) -> torch.Tensor | None:
-        return None if self.labels is None else torch.unique(self.labels.cpu())
 
     def _optimal(self, x_flat, alpha_prod_t, beta_prod_t, stats, class_labels):
         """E_emp[x_0 | x] for rows x of `x_flat` `[B', D]`: exact streamed softmax, or top-k over FAISS neighbours."""

@@ -24,8 +24,6 @@ import math
 
 import torch
 
-from .functional import STORAGE_DTYPES
-
 # The authors' 20-step sizes per step i = 0 (lowest noise) .. 19 (highest), arXiv 2412.20292.
 _PAPER_PATCH_SIZES = {
     "cifar10_unet": [3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 13, 13, 15, 17, 25],
@@ -161,20 +159,8 @@ class PatchMachineMixin:
         self._patch_schedule = resolve_patch_size_schedule(config.patch_size_schedule)
         if int(config.chunk_size) < 1:
             raise ValueError(f"`chunk_size` must be a positive integer, got {config.chunk_size}.")
-        if config.storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"`storage_dtype` must be one of {sorted(STORAGE_DTYPES)}, got {config.storage_dtype!r}.")
-        if int(config.num_images) < 1:
-            raise ValueError(f"`num_images` must be a positive integer, got {config.num_images}.")
-        images = torch.zeros(int(config.num_images), *self.sample_shape, dtype=STORAGE_DTYPES[config.storage_dtype])
-        self.register_buffer("images", images)  # y_1 .. y_N  [N, C, H, W]
-        if config.has_labels:
-            self.register_buffer("labels", torch.zeros(int(config.num_images), dtype=torch.int64))  # [N]
-        else:
-            self.labels = None
+        self._register_image_storage(config.num_images, config.storage_dtype, config.has_labels)  # y_1 .. y_N
         self._fixed_patch_size: int | None = None
-
-    def _known_labels(self) -> torch.Tensor | None:
-        return None if self.labels is None else torch.unique(self.labels.cpu())
 
     def set_patch_size_schedule(self, schedule) -> None:
         """Replaces the patch-size schedule (an odd int, a preset name or `[[log_snr, k], ...]`) in the config."""
