@@ -11,7 +11,7 @@ from diffusers.utils import logging
 from ..data import to_model_space
 from ..distributed import reduce_nearest_over_shards
 from .functional import StoredImageStats, nearest_indices
-from .modeling_analytic import AnalyticDenoiserMixin
+from .modeling_analytic import AnalyticDenoiserMixin, check_positive_int
 
 logger = logging.get_logger(__name__)
 
@@ -62,8 +62,7 @@ class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
     ):
         super().__init__()
         self._init_analytic()
-        if int(chunk_size) < 1:
-            raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
+        check_positive_int("chunk_size", chunk_size)
         self._register_image_storage(num_images, storage_dtype, has_labels)  # images [N, C, H, W], labels [N]
         self._stats = StoredImageStats()
 

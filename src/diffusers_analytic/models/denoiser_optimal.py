@@ -13,8 +13,8 @@ from .functional import (
     posterior_mean,
     posterior_mean_over_neighbors,
 )
-from .knn import INDEX_TYPES, NeighborIndex
-from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive
+from .knn import NeighborIndex, check_neighbor_config
+from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive, check_positive_int
 
 logger = logging.get_logger(__name__)
 
@@ -90,14 +90,8 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         super().__init__()
         self._init_analytic()
         check_finite_positive("temperature", temperature)
-        if int(chunk_size) < 1:
-            raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
-        if num_neighbors is not None and not 1 <= num_neighbors <= num_images:
-            raise ValueError(
-                f"`num_neighbors` must be in [1, {num_images}] (the number of images), got {num_neighbors}."
-            )
-        if faiss_index not in INDEX_TYPES:
-            raise ValueError(f"`faiss_index` must be one of {INDEX_TYPES}, got {faiss_index!r}.")
+        check_positive_int("chunk_size", chunk_size)
+        check_neighbor_config(num_neighbors, num_images, faiss_index)
         self._register_image_storage(num_images, storage_dtype, has_labels)  # images [N, C, H, W], labels [N]
         self._stats = StoredImageStats()
         self._neighbors = NeighborIndex()

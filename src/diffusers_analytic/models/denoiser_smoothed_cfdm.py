@@ -17,8 +17,8 @@ from .functional import (
     posterior_mean,
     posterior_mean_over_neighbors,
 )
-from .knn import INDEX_TYPES, NeighborIndex
-from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive
+from .knn import NeighborIndex, check_neighbor_config
+from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive, check_positive_int
 
 logger = logging.get_logger(__name__)
 
@@ -85,16 +85,9 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         check_finite_positive("temperature", temperature)
         if not (isinstance(smoothing_std, (int, float)) and math.isfinite(smoothing_std) and smoothing_std >= 0):
             raise ValueError(f"`smoothing_std` must be a finite number >= 0, got {smoothing_std}.")
-        if int(num_noise) < 1:
-            raise ValueError(f"`num_noise` must be a positive integer, got {num_noise}.")
-        if int(chunk_size) < 1:
-            raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
-        if num_neighbors is not None and not 1 <= num_neighbors <= num_images:
-            raise ValueError(
-                f"`num_neighbors` must be in [1, {num_images}] (the number of images), got {num_neighbors}."
-            )
-        if faiss_index not in INDEX_TYPES:
-            raise ValueError(f"`faiss_index` must be one of {INDEX_TYPES}, got {faiss_index!r}.")
+        check_positive_int("num_noise", num_noise)
+        check_positive_int("chunk_size", chunk_size)
+        check_neighbor_config(num_neighbors, num_images, faiss_index)
         self._register_image_storage(num_images, storage_dtype, has_labels)  # images [N, C, H, W], labels [N]
         self._stats = StoredImageStats()
         self._neighbors = NeighborIndex()

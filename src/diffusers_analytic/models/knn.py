@@ -123,3 +123,11 @@ class NeighborIndex:
                 neighbours = torch.where(neighbours >= 0, members[neighbours.clamp(min=0)], neighbours)
             found[rows, :group_k] = neighbours
         return found.to(images.device)
+
+
+def check_neighbor_config(num_neighbors: int | None, num_images: int, faiss_index: str) -> None:
+    """The top-k settings of a data-holding denoiser: `num_neighbors` in [1, N] (or None) and a known index kind."""
+    if num_neighbors is not None and not 1 <= num_neighbors <= num_images:
+        raise ValueError(f"`num_neighbors` must be in [1, {num_images}] (the number of images), got {num_neighbors}.")
+    if faiss_index not in INDEX_TYPES:
+        raise ValueError(f"`faiss_index` must be one of {INDEX_TYPES}, got {faiss_index!r}.")

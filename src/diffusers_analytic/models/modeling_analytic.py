@@ -401,3 +401,9 @@ def check_finite_positive(name: str, value: float, allow_zero: bool = False) -> 
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"`{name}` must be a finite number {bound}, got {value}.")
+
+
+def check_positive_int(name: str, value) -> None:
+    """Raises a ValueError naming `name` unless `value` is an integer >= 1."""
+    if int(value) < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value}.")

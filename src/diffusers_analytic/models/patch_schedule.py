@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from .modeling_analytic import check_positive_int
+
 # The authors' 20-step sizes per step i = 0 (lowest noise) .. 19 (highest), arXiv 2412.20292.
 _PAPER_PATCH_SIZES = {
     "cifar10_unet": [3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 13, 13, 15, 17, 25],
@@ -157,8 +159,7 @@ class PatchMachineMixin:
     def _init_patch_machine(self) -> None:
         config = self.config
         self._patch_schedule = resolve_patch_size_schedule(config.patch_size_schedule)
-        if int(config.chunk_size) < 1:
-            raise ValueError(f"`chunk_size` must be a positive integer, got {config.chunk_size}.")
+        check_positive_int("chunk_size", config.chunk_size)
         self._register_image_storage(config.num_images, config.storage_dtype, config.has_labels)  # y_1 .. y_N
         self._fixed_patch_size: int | None = None
 
