@@ -5,6 +5,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import diffusers_analytic as da
+from diffusers_analytic.models import functional
 from diffusers_analytic.models.functional import OnlineSoftmax
 
 TIMESTEPS = (999, 900, 500, 100, 30)
@@ -61,6 +62,87 @@ def test_any_chunk_size_equals_full_softmax(digits, digits_model_space, chunk_si
     x = noisy_inputs(digits_model_space, a, 4, seed=1, from_data=True)
     out = denoiser.denoise(x.reshape(4, 1, 8, 8), timestep)
     assert relative_error(out, brute_force_optimal(x, a, digits_model_space)) <= 1e-4
+
+
+@pytest.fixture
+def path_spy(monkeypatch):
+    """Forces the fused or the general path of `posterior_mean`, small pieces, and counts what ran."""
+    counts = {"fused": 0, "general": 0}
+    fused, general = functional._fused_softmax, functional._general_update
+
+    def count_fused(*args, **kwargs):
+        counts["fused"] += 1
+        return fused(*args, **kwargs)
+
+    def count_general(*args, **kwargs):
+        counts["general"] += 1
+        return general(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "_fused_softmax", count_fused)
+    monkeypatch.setattr(functional, "_general_update", count_general)
+    monkeypatch.setattr(functional, "PIECE_BYTES", {"cpu": 4 * 64 * 5, "other": 4 * 64 * 5})  # 5 digits per piece
+
+    def force(path):
+        monkeypatch.setattr(functional, "BROAD_ACTIVE_FRACTION", 0.0 if path == "fused" else 2.0)
+        counts.update(fused=0, general=0)
+        return counts
+
+    return force
+
+
+@pytest.mark.parametrize("path", ["fused", "general"])
+@pytest.mark.parametrize("storage_dtype", ["uint8", "float32"])
+@pytest.mark.parametrize("timestep", [999, 500, 100, 10])
+def test_both_paths_match_float64_brute_force(digits, digits_model_space, path_spy, path, storage_dtype, timestep):
+    # Forced onto either path at every noise level (the fused one at low noise only by redoing the chunks whose
+    # logits exceed its reference), in chunks of 64 read 5 images per piece: the result is the one-shot softmax.
+    denoiser = da.OptimalDenoiser.from_dataset(digits, chunk_size=64, storage_dtype=storage_dtype)
+    a = denoiser.alphas_cumprod[timestep]
+    x = noisy_inputs(digits_model_space, a, 6, seed=timestep + 1, from_data=True)
+    counts = path_spy(path)
+    out = denoiser.denoise(x.reshape(6, 1, 8, 8), timestep)
+    assert relative_error(out, brute_force_optimal(x, a, digits_model_space)) <= 1e-4
+    num_chunks = -(-len(digits_model_space) // 64)
+    if path == "general":
+        assert counts == {"fused": 0, "general": num_chunks}
+    else:
+        assert counts["fused"] == 1 and counts["general"] <= num_chunks
+        if timestep == 999:  # broad: no chunk exceeds the reference
+            assert counts["general"] == 0
+        if timestep == 10:  # peaked: chunks whose logits exceed the first piece's reference by > 50 were redone
+            assert counts["general"] > 0
+
+
+@pytest.mark.parametrize("path", ["fused", "general"])
+def test_both_paths_restrict_to_the_class(digits, digits_model_space, path_spy, path, monkeypatch):
+    # (the fused path needs every requested class in its first piece: 50 digits per piece here)
+    monkeypatch.setattr(functional, "PIECE_BYTES", {"cpu": 4 * 64 * 50, "other": 4 * 64 * 50})
+    denoiser = da.OptimalDenoiser.from_dataset(digits, chunk_size=100)
+    labels = torch.tensor([2, 2, 9])
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(7))
+    for timestep in (950, 200):
+        counts = path_spy(path)
+        out = denoiser.denoise(x.reshape(3, 1, 8, 8), timestep, class_labels=labels)
+        assert counts[path] > 0
+        a = denoiser.alphas_cumprod[timestep]
+        for b in range(3):
+            members = digits_model_space[digits.labels == labels[b]]
+            assert relative_error(out[b : b + 1], brute_force_optimal(x[b : b + 1], a, members)) <= 1e-4
+
+
+def test_the_path_follows_the_posterior_width(digits, digits_model_space, monkeypatch):
+    # Unforced: a broad posterior (pure noise at t = 999) takes the fused path, a peaked one (t = 30) the general.
+    counts = {"fused": 0}
+    fused = functional._fused_softmax
+    monkeypatch.setattr(
+        functional, "_fused_softmax", lambda *a, **k: counts.update(fused=counts["fused"] + 1) or fused(*a, **k)
+    )
+    denoiser = da.OptimalDenoiser.from_dataset(digits)
+    denoiser.denoise(torch.randn(4, 1, 8, 8), 999)
+    assert counts["fused"] == 1
+    x = noisy_inputs(digits_model_space, denoiser.alphas_cumprod[30], 4, seed=0, from_data=True)
+    denoiser.denoise(x.reshape(4, 1, 8, 8), 30)
+    assert counts["fused"] == 1
 
 
 @pytest.mark.parametrize("temperature", [0.3, 2.5])

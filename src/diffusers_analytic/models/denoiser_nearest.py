@@ -35,7 +35,8 @@ class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         num_images (`int`, defaults to 1): N, the number of stored images (set by `from_dataset`).
         storage_dtype (`str`, defaults to `"float32"`): `"uint8"`, `"float16"` or `"float32"` image buffer.
         has_labels (`bool`, defaults to `False`): whether an int64 `labels` buffer `[N]` is stored.
-        chunk_size (`int`, defaults to 512): images per streamed chunk.
+        chunk_size (`int`, defaults to 4096): images per streamed chunk: the logits of a chunk, `[B, chunk_size]`
+            float32, are the extra memory beside one ~2 MB piece of images (float32) and O(B D).
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
             The training noise schedule, as in diffusers' `DDIMScheduler`; the defaults equal `DDIMScheduler()`'s.
         prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"`, `"v_prediction"` or `"sample"`.
@@ -51,7 +52,7 @@ class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         num_images: int = 1,
         storage_dtype: str = "float32",
         has_labels: bool = False,
-        chunk_size: int = 512,
+        chunk_size: int = 4096,
         num_train_timesteps: int = 1000,
         beta_start: float = 0.0001,
         beta_end: float = 0.02,

@@ -29,7 +29,7 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
     Exact by default: the softmax is streamed over chunks of `chunk_size` images with an online softmax (running max,
     running sum, running weighted sum); the squared distance is one GEMM per chunk plus precomputed ||y_i||^2
     (||x_t||^2 cancels). The result equals the one-shot softmax over all N to float32 rounding, for any chunk size,
-    with extra memory O(B * chunk_size + chunk_size * D) whatever N. Sampling with it memorizes: every sample lands on
+    with extra memory O(B * chunk_size + B * D) plus one ~2 MB piece of images whatever N. Sampling with it memorizes: every sample lands on
     a training image (Karras et al. 2022, appendix; Kadkhodaie et al. 2024).
 
     The images are a buffer saved with the model (`storage_dtype`: uint8 for 8-bit sources, exact and 4x smaller than
@@ -51,7 +51,8 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             FAISS index (query x_t / sqrt(a)) instead of all N. With the default flat index the k are the true
             nearest, so the only error is the weight of the images left out (large at high noise, where the
             posterior is broad); `None` is exact. Must be in [1, N].
-        chunk_size (`int`, defaults to 512): images per streamed chunk; bounds the extra memory.
+        chunk_size (`int`, defaults to 4096): images per streamed chunk: the logits of a chunk, `[B, chunk_size]`
+            float32, are the extra memory beside one ~2 MB piece of images (float32) and O(B D).
         faiss_index (`str`, defaults to `"auto"`): top-k index kind: `"flat"` (exact search), `"ivf"` (approximate),
             `"auto"` (flat up to `ivf_threshold` images). The index is built from the stored images at first use
             (never saved).
@@ -75,7 +76,7 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         has_labels: bool = False,
         temperature: float = 1.0,
         num_neighbors: int | None = None,
-        chunk_size: int = 512,
+        chunk_size: int = 4096,
         faiss_index: str = "auto",
         ivf_threshold: int = 100_000,
         ivf_nprobe: int = 32,

@@ -47,7 +47,8 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             model space.
         temperature (`float`, defaults to 1.0): tau > 0 of the inner optimal denoiser.
         num_neighbors (`int`, *optional*): top-k mode of the inner optimal denoiser (FAISS); `None` is exact.
-        chunk_size (`int`, defaults to 512): images per streamed chunk.
+        chunk_size (`int`, defaults to 4096): images per streamed chunk: the logits of a chunk, `[B, chunk_size]`
+            float32, are the extra memory beside one ~2 MB piece of images (float32) and O(B D).
         faiss_index, ivf_threshold, ivf_nprobe: the top-k index, as in [`OptimalDenoiser`].
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
             The training noise schedule, as in diffusers' `DDIMScheduler`; the defaults equal `DDIMScheduler()`'s.
@@ -68,7 +69,7 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         smoothing_std: float = 0.1,
         temperature: float = 1.0,
         num_neighbors: int | None = None,
-        chunk_size: int = 512,
+        chunk_size: int = 4096,
         faiss_index: str = "auto",
         ivf_threshold: int = 100_000,
         ivf_nprobe: int = 32,

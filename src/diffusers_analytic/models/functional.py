@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -198,6 +199,7 @@ class StoredImageStats:
     def get(self, images: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`(mean [D], sq_norms [N])` of `images` `[N, C, H, W]`, computed at first use after a change."""
         key = buffer_key(images)
+        chunk_size = min(chunk_size, 512)  # (float64 copies of a chunk: keep them small)
         if key != self._key:
             if self.pinned_mean is not None:
                 mean64 = self.pinned_mean.to(images.device)
@@ -213,33 +215,6 @@ class StoredImageStats:
         return self.mean, self.sq_norms
 
 
-def stored_chunks(
-    images: torch.Tensor, chunk_size: int, indices: torch.Tensor | None = None
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """
-    Yields `(offset, r)`: the stored values of `chunk_size` images as float32 `[n, D]` (uint8 values stay 0..255; map
-    to model space with [`storage_affine`]). float32 storage is yielded in place (no copy); other dtypes are cast
-    into one reused buffer, so memory is one chunk whatever N, and each chunk is overwritten by the next: use it
-    before advancing. `indices` selects a subset; offsets index into it.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
-    total = len(images) if indices is None else len(indices)
-    flat = images.reshape(len(images), -1)
-    buffer = None
-    for start in range(0, total, chunk_size):
-        stop = min(start + chunk_size, total)
-        stored = flat[start:stop] if indices is None else flat[indices[start:stop]]
-        if stored.dtype == torch.float32:
-            yield start, stored
-            continue
-        if buffer is None:
-            buffer = torch.empty(min(chunk_size, total), flat.shape[1], dtype=torch.float32, device=images.device)
-        chunk = buffer[: stop - start]
-        chunk.copy_(stored)
-        yield start, chunk
-
-
 def logit_coefficients(
     alpha_prod: torch.Tensor, beta_prod: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,6 +228,48 @@ def logit_coefficients(
     c1 = 2.0 * alpha_prod.sqrt() * scale
     c2 = alpha_prod * scale
     return c1.float(), c2.float()
+
+
+# Two ways through the images for the posterior mean, both exact. With a broad posterior (high noise) every image
+# has a weight and both GEMMs are dense: the fused path takes each cache-sized piece of images through the logits
+# GEMM, the exponentials and the weighted-sum GEMM at once (the images are read once, not twice), against a fixed
+# reference per row instead of the running max, so a piece costs four small ops. With a peaked posterior (low noise)
+# most weights underflow: the general path keeps a running max per chunk and its weighted sum gathers only the
+# images that still have a weight.
+BROAD_ACTIVE_FRACTION = 0.5  # fused path when at least this share of the first piece is within 60 of its max
+REFERENCE_MARGIN = 25.0  # fused reference m = max of the first piece + 25: the largest weight is >= e^-25
+MAX_CHUNK_SUM = math.exp(50.0)  # a chunk whose weights sum to more (a logit above m + 50) is redone the general way
+MIN_LOGIT = -87.0  # fused: l - m is raised to this before exp (e^-87 is a normal float32, no slow subnormals)
+PIECE_BYTES = {"cpu": 1 << 21, "other": 1 << 26}  # a piece of images as float32: ~2 MB on a CPU (the L2 size;
+# measured best), 64 MB on an accelerator (where small GEMMs only add kernel launches)
+
+
+def _piece_size(device: torch.device, chunk_size: int, images: torch.Tensor) -> int:
+    budget = PIECE_BYTES["cpu" if device.type == "cpu" else "other"]
+    return max(1, min(chunk_size, len(images), budget // (4 * images[0].numel())))
+
+
+class _PieceReader:
+    """Stored values r of the images as float32, by pieces of `piece_size` (converted into one reused buffer)."""
+
+    def __init__(self, images: torch.Tensor, piece_size: int):
+        self.flat = images.reshape(len(images), -1)
+        self.piece_size = piece_size
+        self.buffer = None
+        if self.flat.dtype != torch.float32:
+            self.buffer = torch.empty(piece_size, self.flat.shape[1], device=images.device)
+
+    def pieces(self, start: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """`(offset from start, r [p, D])` for images start..stop; a piece is overwritten by the next."""
+        for piece_start in range(start, stop, self.piece_size):
+            piece = self.flat[piece_start : min(piece_start + self.piece_size, stop)]
+            if self.buffer is not None:
+                piece = self.buffer[: len(piece)].copy_(piece)
+            yield piece_start - start, piece
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """r of the images at `indices`, float32 `[k, D]` (a new tensor)."""
+        return self.flat[indices].to(torch.float32)
 
 
 def posterior_mean(
@@ -272,9 +289,14 @@ def posterior_mean(
 
         w_i = softmax_i( -||x_t - sqrt(a) y_i||^2 / (2 (1 - a) tau) ),   x0_hat = sum_i w_i y_i
 
-    exact, streamed over chunks of `chunk_size` images with an online softmax: per chunk one GEMM for the logits and
-    one for the weighted sum; extra memory O(B * chunk_size + chunk_size * D) whatever N. Equal to the one-shot
-    softmax over all N to float32 rounding, for any chunk size.
+    exact, streamed over chunks of `chunk_size` images (logits `[B, chunk_size]`), each read in cache-sized pieces:
+    extra memory O(B * chunk_size + piece + B * D) whatever N. Equal to the one-shot softmax over all N to float32
+    rounding, for any chunk size.
+
+    The path is chosen per call from the logits of the first piece (see the comment above): fused when most of them
+    are within 60 of their max (broad posterior), else general. In the fused path a weight below e^-87 of the
+    reference becomes e^-87 (a relative change of the result below N e^-62), and a chunk holding a logit above the
+    reference + 50 is detected and redone the general way, so neither over- nor underflow can change the result.
 
     Args:
         x_t (`torch.Tensor`): float32 `[B, D]`.
@@ -284,7 +306,7 @@ def posterior_mean(
         chunk_size (`int`): images per chunk.
         temperature (`float`): tau > 0; 1 is the exact posterior.
         labels, class_labels (`torch.Tensor`, *optional*): stored labels `[N]` and one label per sample `[B]`:
-            sample b's posterior is restricted to the images of its class (other logits are -inf).
+            sample b's posterior is restricted to the images of its class (other weights are 0).
         reduce_softmax (`callable`, *optional*): applied to the online-softmax state before its result; a
             data-parallel shard all-reduces it there (`distributed.reduce_softmax_over_shards`).
 
@@ -296,27 +318,127 @@ def posterior_mean(
     c1, c2 = logit_coefficients(alpha_prod, beta_prod, temperature)
     c1, neg_c2 = c1.to(x_t.device), -c2.to(x_t.device)  # [B]
     sqrt_a = alpha_prod.detach().cpu().double().sqrt().float().to(x_t.device)  # [B]
-    # 1. The query c1 s x', with x' = x_t - sqrt(a) mu.
+    # logits_i = c1 s x'.r_i - c2 ||y'_i||^2 with x' = x_t - sqrt(a) mu (terms without i cancel): query = c1 s x'.
     query = (x_t - sqrt_a[:, None] * mean) * (c1 * scale)[:, None]  # [B, D]
+    other_class = None  # [B, N]-indexable: True where an image is not the row's class
     if class_labels is not None:
-        class_labels = class_labels.to(x_t.device)
-    softmax = OnlineSoftmax()
-    for start, chunk in stored_chunks(images, chunk_size):
-        # 2. logits_i = c1 s x'.r_i - c2 ||y'_i||^2 (terms without i cancel in the softmax).
-        logits = query @ chunk.T  # [B, n]
-        logits.addr_(neg_c2, sq_norms[start : start + len(chunk)])
-        if class_labels is not None:
-            other_class = labels[start : start + len(chunk)][None, :] != class_labels[:, None]  # [B, n]
-            logits.masked_fill_(other_class, float("-inf"))
-        # 3. Online softmax: running max m, running sum s = sum_i e^(l_i - m), running sum_i e^(l_i - m) r_i.
-        softmax.update(logits, lambda weights, chunk=chunk: _sparse_weighted_sum(weights, chunk))
+        other_class = _OtherClass(labels, class_labels.to(x_t.device))
+    on_cpu = x_t.device.type == "cpu"
+    reader = _PieceReader(images, _piece_size(x_t.device, chunk_size, images))
+    logits_buffer = torch.empty(len(x_t), min(chunk_size, len(images)), device=x_t.device)
+    reference = _broad_posterior_reference(query, neg_c2, reader, sq_norms, other_class) if on_cpu else None
+    if reference is not None:
+        softmax = _fused_softmax(query, neg_c2, reader, sq_norms, chunk_size, reference, other_class, logits_buffer)
+    else:
+        softmax = OnlineSoftmax()
+        for start in range(0, len(images), chunk_size):
+            stop = min(start + chunk_size, len(images))
+            _general_update(softmax, query, neg_c2, reader, sq_norms, start, stop, other_class, logits_buffer)
     if reduce_softmax is not None:
         softmax = reduce_softmax(softmax)
-    # 4. x0_hat = sum_i w_i y_i = s (sum_i w_i r_i) + o.
+    # x0_hat = sum_i w_i y_i = s (sum_i w_i r_i) + o.
     x0_hat = softmax.result()  # [B, D]
     if scale != 1.0 or offset != 0.0:
         x0_hat = x0_hat.mul_(scale).add_(offset)
     return x0_hat
+
+
+class _OtherClass:
+    """`mask[start:stop]` -> `[B, n]`, True where image i's stored label differs from sample b's requested label."""
+
+    def __init__(self, labels: torch.Tensor, class_labels: torch.Tensor):
+        self.labels, self.class_labels = labels, class_labels
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        return self.labels[index][None, :] != self.class_labels[:, None]
+
+
+def _chunk_logits(query, neg_c2, reader, sq_norms, start, stop, other_class, logits_buffer) -> torch.Tensor:
+    """logits_i = c1 s x'.r_i - c2 ||y'_i||^2 of images start..stop, `[B, n]`, -inf outside a row's class."""
+    logits = logits_buffer[:, : stop - start]
+    logits.copy_(torch.outer(neg_c2, sq_norms[start:stop]))
+    for offset, piece in reader.pieces(start, stop):
+        logits[:, offset : offset + len(piece)].addmm_(query, piece.T)
+    if other_class is not None:
+        logits.masked_fill_(other_class[start:stop], float("-inf"))
+    return logits
+
+
+def _general_update(softmax, query, neg_c2, reader, sq_norms, start, stop, other_class, logits_buffer) -> None:
+    """One chunk of the online softmax: running max m, sum_i e^(l_i - m) and sum_i e^(l_i - m) r_i."""
+    logits = _chunk_logits(query, neg_c2, reader, sq_norms, start, stop, other_class, logits_buffer)
+    softmax.update(logits, lambda weights: _sparse_weighted_sum(weights, reader, start, stop))
+
+
+def _sparse_weighted_sum(weights: torch.Tensor, reader: _PieceReader, start: int, stop: int) -> torch.Tensor:
+    """
+    `sum_i w_i r_i` over images start..stop (`weights` `[B, n]`), skipping the images whose weight is exactly 0 for
+    every row (underflowed: at low noise the posterior is peaked and most of a chunk drops out). Exact.
+    """
+    total = torch.zeros(len(weights), reader.flat.shape[1], device=weights.device)  # [B, D]
+    if weights.device.type == "cpu":
+        active = torch.nonzero(weights.amax(dim=0) > 0).flatten()  # [k]
+        if len(active) <= (stop - start) // 2:
+            for part in active.split(reader.piece_size):  # gathered a piece at a time
+                total.addmm_(weights[:, part], reader.rows(start + part))
+            return total
+    for offset, piece in reader.pieces(start, stop):
+        total.addmm_(weights[:, offset : offset + len(piece)], piece)
+    return total
+
+
+def _broad_posterior_reference(query, neg_c2, reader, sq_norms, other_class) -> torch.Tensor | None:
+    """
+    The fused path's reference m `[B]` (max logit of the first piece + 25), or None for the general path: when
+    fewer than half of the first piece's images are within 60 of their row's max in every row (a peaked posterior),
+    or a row has no image of its class there.
+    """
+    stop = reader.piece_size
+    logits = torch.empty(len(query), stop, device=query.device)
+    logits = _chunk_logits(query, neg_c2, reader, sq_norms, 0, stop, other_class, logits)  # [B, p]
+    top = logits.amax(dim=1)  # [B]
+    if not bool(torch.isfinite(top).all()):
+        return None
+    active = (logits > top[:, None] - 60.0).any(dim=0)  # [p]
+    if active.float().mean().item() < BROAD_ACTIVE_FRACTION:
+        return None
+    return top + REFERENCE_MARGIN
+
+
+def _fused_softmax(
+    query, neg_c2, reader, sq_norms, chunk_size, reference, other_class, logits_buffer
+) -> OnlineSoftmax:
+    """
+    The online-softmax state over all images with the fixed reference m `[B]`: per piece of a chunk, the weights
+    w_i = exp(l_i - m) (logits GEMM, exp) and their weighted sum (second GEMM) while the piece is in cache. A chunk
+    whose weights sum to more than e^50 in some row (a logit above m + 50, or NaN) is redone with the general update,
+    so no sum can overflow.
+    """
+    num_images = len(reader.flat)
+    chunk_acc = torch.empty_like(query)  # sum_i w_i r_i over one chunk  [B, D]
+    fused, redone = OnlineSoftmax(), OnlineSoftmax()
+    fused.max, fused.sum, fused.acc = reference, torch.zeros_like(reference), torch.zeros_like(query)
+    for start in range(0, num_images, chunk_size):
+        stop = min(start + chunk_size, num_images)
+        weights = logits_buffer[:, : stop - start]  # [B, n]
+        # w_i = exp(c1 s x'.r_i - c2 ||y'_i||^2 - m): the last two terms here, the GEMM adds the first per piece.
+        weights.copy_(torch.outer(neg_c2, sq_norms[start:stop])).sub_(reference[:, None])
+        mask = None if other_class is None else other_class[start:stop]
+        chunk_acc.zero_()
+        for offset, piece in reader.pieces(start, stop):
+            piece_weights = weights[:, offset : offset + len(piece)]  # [B, p]
+            piece_weights.addmm_(query, piece.T).clamp_(min=MIN_LOGIT).exp_()
+            if mask is not None:
+                piece_weights.masked_fill_(mask[:, offset : offset + len(piece)], 0.0)
+            chunk_acc.addmm_(piece_weights, piece)
+        chunk_sum = weights.sum(dim=1)  # [B]
+        if bool((chunk_sum <= MAX_CHUNK_SUM).all()):  # (False for NaN; and sum_i w_i r_i <= e^50 max|r| is finite)
+            fused.sum += chunk_sum
+            fused.acc += chunk_acc
+        else:
+            _general_update(redone, query, neg_c2, reader, sq_norms, start, stop, other_class, logits_buffer)
+    fused.merge(redone)
+    return fused
 
 
 def posterior_mean_over_neighbors(
@@ -332,7 +454,7 @@ def posterior_mean_over_neighbors(
     """
     [`posterior_mean`] with each sample's softmax restricted to its own candidate images: `neighbors` int64 `[B, k]`
     (indices into `images`; -1 marks an empty slot). The same logits, batched over samples and streamed over the k
-    candidates in slices of `max(1, chunk_size // B)` (memory about one chunk, as in the exact path). Returns
+    candidates in slices of about four pieces of images in all (~8 MB on a CPU, whatever k). Returns
     float32 `[B, D]`.
     """
     mean, sq_norms = stats
@@ -344,7 +466,7 @@ def posterior_mean_over_neighbors(
     query = (x_t - sqrt_a[:, None] * mean) * (c1 * scale)[:, None]  # c1 s x'  [B, D]
     flat = images.reshape(len(images), -1)
     neighbors = neighbors.to(x_t.device)
-    step = max(1, chunk_size // batch_size)
+    step = max(1, 4 * _piece_size(x_t.device, chunk_size, images) // batch_size)  # candidates per row and slice
     softmax = OnlineSoftmax()
     for start in range(0, k, step):
         ids = neighbors[:, start : start + step]  # [B, n]
@@ -358,18 +480,6 @@ def posterior_mean_over_neighbors(
     if scale != 1.0 or offset != 0.0:
         x0_hat = x0_hat.mul_(scale).add_(offset)
     return x0_hat
-
-
-def _sparse_weighted_sum(weights: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
-    """
-    `weights @ chunk` (`[B, n] @ [n, D]`), skipping the images whose weight is exactly 0 for every row (underflowed:
-    at all but the highest noise levels the posterior is peaked and most of a chunk drops out). Exact.
-    """
-    if weights.device.type == "cpu":
-        active = torch.nonzero(weights.amax(dim=0) > 0).flatten()  # [k]
-        if len(active) <= len(chunk) // 2:
-            return weights[:, active] @ chunk[active]  # [B, D]
-    return weights @ chunk  # [B, D]
 
 
 def nearest_indices(
@@ -394,19 +504,19 @@ def nearest_indices(
     sqrt_a = a.sqrt().float().to(x_t.device)
     two_sqrt_a_s = (2.0 * a.sqrt() * scale).float().to(x_t.device)
     query = (x_t - sqrt_a[:, None] * mean) * two_sqrt_a_s[:, None]  # 2 sqrt(a) s x'  [B, D]
-    a32 = a.float().to(x_t.device)
-    if class_labels is not None:
-        class_labels = class_labels.to(x_t.device)
+    neg_a = -a.float().to(x_t.device)
+    other_class = None if class_labels is None else _OtherClass(labels, class_labels.to(x_t.device))
+    reader = _PieceReader(images, _piece_size(x_t.device, chunk_size, images))
+    logits_buffer = torch.empty(len(x_t), min(chunk_size, len(images)), device=x_t.device)
     best_score = torch.full((len(x_t),), float("inf"), device=x_t.device)
     best_index = torch.zeros(len(x_t), dtype=torch.int64, device=x_t.device)
-    for start, chunk in stored_chunks(images, chunk_size):
-        scores = torch.outer(a32, sq_norms[start : start + len(chunk)]) - query @ chunk.T  # [B, n]
-        if class_labels is not None:
-            other_class = labels[start : start + len(chunk)][None, :] != class_labels[:, None]
-            scores.masked_fill_(other_class, float("inf"))
-        chunk_score, chunk_index = scores.min(dim=1)
-        better = chunk_score < best_score
-        best_score = torch.where(better, chunk_score, best_score)
+    for start in range(0, len(images), chunk_size):
+        stop = min(start + chunk_size, len(images))
+        # -score_i = 2 sqrt(a) s x'.r_i - a ||y'_i||^2, the logits' form with query 2 sqrt(a) s x' (-inf off-class)
+        neg_scores = _chunk_logits(query, neg_a, reader, sq_norms, start, stop, other_class, logits_buffer)
+        chunk_best, chunk_index = neg_scores.max(dim=1)
+        better = -chunk_best < best_score
+        best_score = torch.where(better, -chunk_best, best_score)
         best_index = torch.where(better, chunk_index + start, best_index)
     if return_scores:
         return best_index, best_score
