@@ -230,6 +230,17 @@ def logit_coefficients(
     return c1.float(), c2.float()
 
 
+def logit_query(x_t, alpha_prod, beta_prod, mean, scale, temperature) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    `(c1 s x' [B, D], -c2 [B])`: logits_i = query . r_i - c2 ||y'_i||^2 with x' = x_t - sqrt(a) mu (the streaming
+    form above; terms without i cancel), for `x_t` float32 `[B, D]`, the data mean `mean` `[D]` and storage scale s.
+    """
+    c1, c2 = logit_coefficients(alpha_prod, beta_prod, temperature)
+    sqrt_a = alpha_prod.detach().cpu().double().sqrt().float().to(x_t.device)  # [B]
+    query = (x_t - sqrt_a[:, None] * mean) * (c1.to(x_t.device) * scale)[:, None]  # [B, D]
+    return query, -c2.to(x_t.device)
+
+
 # Two ways through the images for the posterior mean, both exact. With a broad posterior (high noise) every image
 # has a weight and both GEMMs are dense: the fused path takes each cache-sized piece of images through the logits
 # GEMM, the exponentials and the weighted-sum GEMM at once (the images are read once, not twice), against a fixed
@@ -315,11 +326,7 @@ def posterior_mean(
     """
     mean, sq_norms = stats
     scale, offset = storage_affine(images.dtype)
-    c1, c2 = logit_coefficients(alpha_prod, beta_prod, temperature)
-    c1, neg_c2 = c1.to(x_t.device), -c2.to(x_t.device)  # [B]
-    sqrt_a = alpha_prod.detach().cpu().double().sqrt().float().to(x_t.device)  # [B]
-    # logits_i = c1 s x'.r_i - c2 ||y'_i||^2 with x' = x_t - sqrt(a) mu (terms without i cancel): query = c1 s x'.
-    query = (x_t - sqrt_a[:, None] * mean) * (c1 * scale)[:, None]  # [B, D]
+    query, neg_c2 = logit_query(x_t, alpha_prod, beta_prod, mean, scale, temperature)  # c1 s x' [B, D], -c2 [B]
     other_class = None  # [B, N]-indexable: True where an image is not the row's class
     if class_labels is not None:
         other_class = _OtherClass(labels, class_labels.to(x_t.device))
@@ -460,10 +467,7 @@ def posterior_mean_over_neighbors(
     mean, sq_norms = stats
     batch_size, k = neighbors.shape
     scale, offset = storage_affine(images.dtype)
-    c1, c2 = logit_coefficients(alpha_prod, beta_prod, temperature)
-    c1, neg_c2 = c1.to(x_t.device), -c2.to(x_t.device)  # [B]
-    sqrt_a = alpha_prod.detach().cpu().double().sqrt().float().to(x_t.device)  # [B]
-    query = (x_t - sqrt_a[:, None] * mean) * (c1 * scale)[:, None]  # c1 s x'  [B, D]
+    query, neg_c2 = logit_query(x_t, alpha_prod, beta_prod, mean, scale, temperature)  # c1 s x' [B, D], -c2 [B]
     flat = images.reshape(len(images), -1)
     neighbors = neighbors.to(x_t.device)
     step = max(1, 4 * _piece_size(x_t.device, chunk_size, images) // batch_size)  # candidates per row and slice
