@@ -583,7 +583,7 @@ def locality_tiles(
     max_tile_pixels: int = 512,
     gather_cost: float = 64.0,
     tile_overhead: float = 2e4,
-    sparse_advantage: float = 0.3,
+    sparse_advantage: float = 0.45,
     variants: tuple[str, ...] = ("dense", "direct", "complement"),
 ) -> list[tuple[torch.Tensor, torch.Tensor | None, bool]]:
     """
@@ -598,6 +598,8 @@ def locality_tiles(
     the full distance). The dense formulation (blocks of consecutive output pixels reading all D inputs, no gather)
     is one of the candidates, and a sparse tiling replaces it only when its estimate is below `sparse_advantage`
     times the dense one (gathers and small GEMMs run below the dense GEMM rate), so it is never slower than dense.
+    0.45: on 32x32x3 patches (2 CPU cores) complement tiles of 48 pixels ran at ~0.55 of the dense tiles'
+    multiply-add rate (t = 700, 94% non-zero: 1.9 s against 3.2 s dense per step, N = 2000, B = 8).
 
     Args:
         mask (`torch.Tensor`): `[D, D]`, bool (binary mask) or float (soft mask: always dense).
