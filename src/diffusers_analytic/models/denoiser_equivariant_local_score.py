@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import logging
 
 from ..data import to_model_space
 from .functional import (
@@ -20,8 +19,6 @@ from .functional import (
 )
 from .modeling_analytic import AnalyticDenoiserMixin
 from .patch_schedule import PatchMachineMixin
-
-logger = logging.get_logger(__name__)
 
 
 class EquivariantLocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
@@ -124,13 +121,8 @@ class EquivariantLocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, Mo
                 `prediction_type`; data-source options `labels`, `image_column`, `label_column`, `resolution`,
                 `channels`.
         """
-        stored, labels, config = cls._read_images_for_storage(images, batch_size, storage_dtype, config)
-        denoiser = cls(**config)
-        denoiser._copy_stored_images(stored, labels)
-        logger.info(
-            f"Stored {len(stored)} images ({config['storage_dtype']}) in an equivariant local score (ELS) machine."
-        )
-        return denoiser
+        name = "an equivariant local score (ELS) machine"
+        return cls._from_stored_images(images, batch_size, storage_dtype, config, name)
 
     def effective_patch_size(self, patch_size: int) -> int:
         height, width = self.image_size

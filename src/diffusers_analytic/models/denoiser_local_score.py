@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import logging
 
 from ..data import to_model_space
 from .functional import (
@@ -18,8 +17,6 @@ from .functional import (
 )
 from .modeling_analytic import AnalyticDenoiserMixin
 from .patch_schedule import PatchMachineMixin
-
-logger = logging.get_logger(__name__)
 
 
 class LocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
@@ -107,11 +104,7 @@ class LocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, ModelMixin, C
             **config: `patch_size_schedule`, `padding`, `chunk_size`, the schedule, `prediction_type`; data-source
                 options `labels`, `image_column`, `label_column`, `resolution`, `channels`.
         """
-        stored, labels, config = cls._read_images_for_storage(images, batch_size, storage_dtype, config)
-        denoiser = cls(**config)
-        denoiser._copy_stored_images(stored, labels)
-        logger.info(f"Stored {len(stored)} images ({config['storage_dtype']}) in a local score (LS) machine.")
-        return denoiser
+        return cls._from_stored_images(images, batch_size, storage_dtype, config, "a local score (LS) machine")
 
     def effective_patch_size(self, patch_size: int) -> int:
         # With zero padding a window of 2 max(H, W) - 1 already covers the image from every pixel; larger sizes only

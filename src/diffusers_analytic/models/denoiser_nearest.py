@@ -6,14 +6,11 @@ from __future__ import annotations
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import logging
 
 from ..data import to_model_space
 from ..distributed import reduce_nearest_over_shards
 from .functional import StoredImageStats, nearest_indices
 from .modeling_analytic import AnalyticDenoiserMixin, check_positive_int
-
-logger = logging.get_logger(__name__)
 
 
 class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
@@ -75,11 +72,7 @@ class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         Stores the training images (and their labels, when the source has them); arguments as in
         [`OptimalDenoiser.from_dataset`].
         """
-        stored, labels, config = cls._read_images_for_storage(images, batch_size, storage_dtype, config)
-        denoiser = cls(**config)
-        denoiser._copy_stored_images(stored, labels)
-        logger.info(f"Stored {len(stored)} images ({config['storage_dtype']}) in a nearest-dataset denoiser.")
-        return denoiser
+        return cls._from_stored_images(images, batch_size, storage_dtype, config, "a nearest-dataset denoiser")
 
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
         # Notation: alpha_prod_t -> a, images -> y_1 .. y_N.

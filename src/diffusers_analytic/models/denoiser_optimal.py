@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import logging
 
 from ..distributed import reduce_softmax_over_shards
 from .functional import (
@@ -15,8 +14,6 @@ from .functional import (
 )
 from .knn import NeighborIndex, check_neighbor_config
 from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive, check_positive_int
-
-logger = logging.get_logger(__name__)
 
 
 class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
@@ -117,11 +114,7 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
                 `channels`. `sample_size`, `in_channels`, `num_images`, `storage_dtype`, `has_labels` come from
                 the data.
         """
-        stored, labels, config = cls._read_images_for_storage(images, batch_size, storage_dtype, config)
-        denoiser = cls(**config)
-        denoiser._copy_stored_images(stored, labels)
-        logger.info(f"Stored {len(stored)} images ({config['storage_dtype']}) in an optimal denoiser.")
-        return denoiser
+        return cls._from_stored_images(images, batch_size, storage_dtype, config, "an optimal denoiser")
 
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
         # Notation: alpha_prod_t -> a, beta_prod_t -> 1 - a, temperature -> tau, images -> y_1 .. y_N.

@@ -8,7 +8,6 @@ import math
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..distributed import reduce_softmax_over_shards
@@ -19,8 +18,6 @@ from .functional import (
 )
 from .knn import NeighborIndex, check_neighbor_config
 from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive, check_positive_int
-
-logger = logging.get_logger(__name__)
 
 
 class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
@@ -101,11 +98,7 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         Stores the training images (and their labels, when the source has them); arguments as in
         [`OptimalDenoiser.from_dataset`], with `num_noise` and `smoothing_std` among the config keywords.
         """
-        stored, labels, config = cls._read_images_for_storage(images, batch_size, storage_dtype, config)
-        denoiser = cls(**config)
-        denoiser._copy_stored_images(stored, labels)
-        logger.info(f"Stored {len(stored)} images ({config['storage_dtype']}) in a smoothed CFDM denoiser.")
-        return denoiser
+        return cls._from_stored_images(images, batch_size, storage_dtype, config, "a smoothed CFDM denoiser")
 
     def _optimal(self, x_flat, alpha_prod_t, beta_prod_t, stats, class_labels):
         """E_emp[x_0 | x] for rows x of `x_flat` `[B', D]`: exact streamed softmax, or top-k over FAISS neighbours."""

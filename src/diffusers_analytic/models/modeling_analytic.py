@@ -18,8 +18,11 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.utils import logging
 
 from .. import __version__
+
+logger = logging.get_logger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # `from_dataset` keywords that describe the data source rather than the denoiser.
@@ -290,6 +293,15 @@ class AnalyticDenoiserMixin:
         self.images.copy_(images)
         if labels is not None:
             self.labels.copy_(labels)
+
+    @classmethod
+    def _from_stored_images(cls, images, batch_size: int, storage_dtype: str, config: dict, name: str):
+        """`from_dataset` of a denoiser that only stores its images: read them, build, copy them in, log."""
+        stored, labels, config = cls._read_images_for_storage(images, batch_size, storage_dtype, config)
+        denoiser = cls(**config)
+        denoiser._copy_stored_images(stored, labels)
+        logger.info(f"Stored {len(stored)} images ({config['storage_dtype']}) in {name}.")
+        return denoiser
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
