@@ -327,13 +327,12 @@ def posterior_mean(
     mean, sq_norms = stats
     scale, offset = storage_affine(images.dtype)
     query, neg_c2 = logit_query(x_t, alpha_prod, beta_prod, mean, scale, temperature)  # c1 s x' [B, D], -c2 [B]
-    other_class = None  # [B, N]-indexable: True where an image is not the row's class
-    if class_labels is not None:
-        other_class = _OtherClass(labels, class_labels.to(x_t.device))
-    on_cpu = x_t.device.type == "cpu"
+    other_class = None if class_labels is None else _OtherClass(labels, class_labels.to(x_t.device))
     reader = _PieceReader(images, _piece_size(x_t.device, chunk_size, images))
     logits_buffer = torch.empty(len(x_t), min(chunk_size, len(images)), device=x_t.device)
-    reference = _broad_posterior_reference(query, neg_c2, reader, sq_norms, other_class) if on_cpu else None
+    reference = None  # the fused path is for CPU caches; an accelerator reads a whole chunk per piece anyway
+    if x_t.device.type == "cpu":
+        reference = _broad_posterior_reference(query, neg_c2, reader, sq_norms, other_class)
     if reference is not None:
         softmax = _fused_softmax(query, neg_c2, reader, sq_norms, chunk_size, reference, other_class, logits_buffer)
     else:
