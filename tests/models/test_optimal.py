@@ -307,3 +307,50 @@ def test_bad_inputs(digits):
         denoiser.denoise(torch.randn(2, 3, 8, 8), 10)
     with pytest.raises(ValueError, match="empty"):
         da.OptimalDenoiser.from_dataset(torch.zeros(0, 1, 8, 8))
+
+
+@pytest.fixture
+def split_over_threads(monkeypatch):
+    """Splits digits (N = 1797) into 3 ranges of ~600 images, one per worker thread, as a CPU does for large N."""
+    monkeypatch.setattr(functional, "MIN_IMAGES_PER_THREAD", 500)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    ranges = []
+    image_ranges = functional._image_ranges
+    monkeypatch.setattr(functional, "_image_ranges", lambda *a: ranges.append(image_ranges(*a)) or ranges[-1])
+    yield ranges
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("storage_dtype", ["uint8", "float32"])
+@pytest.mark.parametrize("timestep", [999, 500, 30])
+def test_images_split_over_threads_match_float64_brute_force(
+    digits, digits_model_space, split_over_threads, storage_dtype, timestep
+):
+    denoiser = da.OptimalDenoiser.from_dataset(digits, chunk_size=256, storage_dtype=storage_dtype)
+    a = denoiser.alphas_cumprod[timestep]
+    x = noisy_inputs(digits_model_space, a, 6, seed=timestep, from_data=True)
+    out = denoiser.denoise(x.reshape(6, 1, 8, 8), timestep)
+    assert split_over_threads[-1] == [(0, 599), (599, 1198), (1198, 1797)]
+    assert relative_error(out, brute_force_optimal(x, a, digits_model_space)) <= 1e-4
+    assert torch.get_num_threads() == 3  # restored after the workers ran single-threaded
+    # a batch above SPLIT_MAX_BATCH reads all images in one stream
+    big = torch.randn(functional.SPLIT_MAX_BATCH + 1, 1, 8, 8)
+    denoiser.denoise(big, timestep)
+    assert split_over_threads[-1] == [(0, 1797)]
+
+
+def test_images_split_over_threads_restrict_to_the_class(digits, digits_model_space, split_over_threads):
+    # digit 0 only in the first range: the other ranges hold no image of that class for sample 0
+    order = torch.argsort((digits.labels != 0).long(), stable=True)
+    data = da.ImageSet(digits.images[order], digits.labels[order])
+    denoiser = da.OptimalDenoiser.from_dataset(data, chunk_size=128)
+    labels = torch.tensor([0, 5, 5])
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+    for timestep in (950, 200):
+        out = denoiser.denoise(x.reshape(3, 1, 8, 8), timestep, class_labels=labels)
+        assert len(split_over_threads[-1]) == 3
+        a = denoiser.alphas_cumprod[timestep]
+        for b in range(3):
+            members = digits_model_space[order][data.labels == labels[b]]
+            assert relative_error(out[b : b + 1], brute_force_optimal(x[b : b + 1], a, members)) <= 1e-4

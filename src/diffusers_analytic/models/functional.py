@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -301,10 +302,14 @@ def posterior_mean(
         w_i = softmax_i( -||x_t - sqrt(a) y_i||^2 / (2 (1 - a) tau) ),   x0_hat = sum_i w_i y_i
 
     exact, streamed over chunks of `chunk_size` images (logits `[B, chunk_size]`), each read in cache-sized pieces:
-    extra memory O(B * chunk_size + piece + B * D) whatever N. Equal to the one-shot softmax over all N to float32
+    extra memory O(B * chunk_size + piece + B * D) per thread whatever N. Equal to the one-shot softmax over all N to float32
     rounding, for any chunk size.
 
-    The path is chosen per call from the logits of the first piece (see the comment above): fused when most of them
+    On a CPU a small batch (up to `SPLIT_MAX_BATCH` rows) splits the images into one contiguous range per torch
+    thread, each streamed by its own worker thread with single-threaded ops (its own pieces and logits buffer), and
+    merges the ranges' online-softmax states, which is exact.
+
+    The path is chosen per range from the logits of its first piece (see the comment above): fused when most of them
     are within 60 of their max (broad posterior), else general. In the fused path a weight below e^-87 of the
     reference becomes e^-87 (a relative change of the result below N e^-62), and a chunk holding a logit above the
     reference + 50 is detected and redone the general way, so neither over- nor underflow can change the result.
@@ -327,19 +332,20 @@ def posterior_mean(
     mean, sq_norms = stats
     scale, offset = storage_affine(images.dtype)
     query, neg_c2 = logit_query(x_t, alpha_prod, beta_prod, mean, scale, temperature)  # c1 s x' [B, D], -c2 [B]
-    other_class = None if class_labels is None else _OtherClass(labels, class_labels.to(x_t.device))
-    reader = _PieceReader(images, _piece_size(x_t.device, chunk_size, images))
-    logits_buffer = torch.empty(len(x_t), min(chunk_size, len(images)), device=x_t.device)
-    reference = None  # the fused path is for CPU caches; an accelerator reads a whole chunk per piece anyway
-    if x_t.device.type == "cpu":
-        reference = _broad_posterior_reference(query, neg_c2, reader, sq_norms, other_class)
-    if reference is not None:
-        softmax = _fused_softmax(query, neg_c2, reader, sq_norms, chunk_size, reference, other_class, logits_buffer)
+    if class_labels is not None:
+        class_labels = class_labels.to(x_t.device)
+
+    def softmax_over(start: int, stop: int) -> OnlineSoftmax:
+        other_class = None if class_labels is None else _OtherClass(labels[start:stop], class_labels)
+        return _softmax_state(query, neg_c2, images[start:stop], sq_norms[start:stop], chunk_size, other_class)
+
+    ranges = _image_ranges(len(images), len(x_t), x_t.device)
+    if len(ranges) == 1:
+        softmax = softmax_over(0, len(images))
     else:
         softmax = OnlineSoftmax()
-        for start in range(0, len(images), chunk_size):
-            stop = min(start + chunk_size, len(images))
-            _general_update(softmax, query, neg_c2, reader, sq_norms, start, stop, other_class, logits_buffer)
+        for state in _map_single_threaded(lambda bounds: softmax_over(*bounds), ranges):
+            softmax.merge(state)
     if reduce_softmax is not None:
         softmax = reduce_softmax(softmax)
     # x0_hat = sum_i w_i y_i = s (sum_i w_i r_i) + o.
@@ -347,6 +353,55 @@ def posterior_mean(
     if scale != 1.0 or offset != 0.0:
         x0_hat = x0_hat.mul_(scale).add_(offset)
     return x0_hat
+
+
+# On a CPU the skinny GEMMs of a small batch ([B, D] x [D, piece]) gain little from a second BLAS thread: on the
+# 2-core AMD EPYC of this project's machines, N = 10000 and B = 8 took 16 ms with one contiguous range of images per
+# thread (each streamed with single-threaded ops, the online-softmax states merged exactly) against 23-30 ms with
+# both BLAS threads on one stream; equal at B = 32, slower at B = 64 with N = 2000 (`benchmarks/bench_optimal.py`).
+SPLIT_MAX_BATCH = 32  # split the images over the threads for batches up to this size
+MIN_IMAGES_PER_THREAD = 1024
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _image_ranges(num_images: int, batch_size: int, device: torch.device) -> list[tuple[int, int]]:
+    """`[(start, stop)]`: one range of images per torch thread for a small batch on a CPU, else the whole range."""
+    parts = 1
+    if device.type == "cpu" and batch_size <= SPLIT_MAX_BATCH:
+        parts = min(torch.get_num_threads(), num_images // MIN_IMAGES_PER_THREAD)
+    if parts <= 1:
+        return [(0, num_images)]
+    bounds = [round(k * num_images / parts) for k in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _map_single_threaded(fn: Callable, items: list) -> list:
+    """`[fn(item) ...]`, one item per worker thread, with torch's intra-op threads set to 1 meanwhile (restored)."""
+    global _POOL
+    threads = torch.get_num_threads()
+    if _POOL is None or _POOL._max_workers < len(items):
+        _POOL = ThreadPoolExecutor(max_workers=len(items), thread_name_prefix="diffusers-analytic")
+    torch.set_num_threads(1)
+    try:
+        return list(_POOL.map(fn, items))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _softmax_state(query, neg_c2, images, sq_norms, chunk_size, other_class) -> OnlineSoftmax:
+    """The online-softmax state of the posterior over `images` (fused or general path, see `posterior_mean`)."""
+    reader = _PieceReader(images, _piece_size(query.device, chunk_size, images))
+    logits_buffer = torch.empty(len(query), min(chunk_size, len(images)), device=query.device)
+    reference = None  # the fused path is for CPU caches; an accelerator reads a whole chunk per piece anyway
+    if query.device.type == "cpu":
+        reference = _broad_posterior_reference(query, neg_c2, reader, sq_norms, other_class)
+    if reference is not None:
+        return _fused_softmax(query, neg_c2, reader, sq_norms, chunk_size, reference, other_class, logits_buffer)
+    softmax = OnlineSoftmax()
+    for start in range(0, len(images), chunk_size):
+        stop = min(start + chunk_size, len(images))
+        _general_update(softmax, query, neg_c2, reader, sq_norms, start, stop, other_class, logits_buffer)
+    return softmax
 
 
 class _OtherClass:
