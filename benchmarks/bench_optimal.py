@@ -6,7 +6,8 @@ same threads). "fraction" = floor / measured time (1.0 = as fast as a big square
 the peak RSS during one call, the second of its setting (the first leaves the BLAS library's per-shape workspace),
 (Linux `/proc/self/clear_refs` + `VmHWM`), measured in a child process that runs with
 `MALLOC_MMAP_THRESHOLD_=65536` so that freed buffers go back to the OS and RSS tracks live memory; it is compared
-with the bound one piece of images (2 MB) + O(B chunk + B D) ("bound MB"; the stored images are not counted).
+with the bound one piece of images (2 MB) + O(B chunk + B D) per stream ("bound MB"; the stored images are not
+counted; a small batch streams the images in one range per thread, see `functional.SPLIT_MAX_BATCH`).
 
 The top-k rows (`num_neighbors=k`, FAISS flat index) report the relative error against the exact result, which is
 what top-k costs in accuracy at high noise, where the posterior is broad.
@@ -223,7 +224,8 @@ def main():
             }
         floor = 4 * batch_size * num_images * D / (rate * 1e9)
         piece = functional.PIECE_BYTES["cpu"]  # one piece of images as float32
-        bound = (piece + 4 * batch_size * args.chunk_size * 4 + 8 * batch_size * D * 4) / 2**20
+        threads = len(functional._image_ranges(num_images, batch_size, x.device))  # streams, each with its buffers
+        bound = threads * (piece + 4 * batch_size * args.chunk_size * 4 + 8 * batch_size * D * 4) / 2**20
         row = {
             "num_images": num_images,
             "batch_size": batch_size,

@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler
 import diffusers_analytic as da
 from diffusers_analytic.data import load_builtin, to_model_space
 from diffusers_analytic.models.denoiser_pca_locality import PCALocalityDenoiser
-from diffusers_analytic.models.functional import locality_tiles
+from diffusers_analytic.models.functional import locality_tiles, symmetric_product
 
 TIMESTEPS = (900, 500, 100, 20)
 THRESHOLDS = (0.0, 0.02, 0.05)
@@ -120,6 +120,17 @@ def test_sparse_tilings_are_exact(patch_denoiser, variant, timesteps):
         x_t = noisy(images, alpha_prod, generator, 2)
         out = denoiser._denoise_group(x_t, alpha_prod, 1 - alpha_prod, mask=entry)
         assert rel_err(out, reference_x0(images, x_t, alpha_prod, mask.double())) <= 1e-4, (t, variant)
+
+
+@pytest.mark.parametrize("dim, block_rows", [(64, 512), (90, 16), (100, 33), (7, 2)])
+def test_symmetric_product_equals_the_full_product(dim, block_rows):
+    # U diag(g) U^T from blocks on and above the diagonal, mirrored: the full float64 product to rounding
+    generator = torch.Generator().manual_seed(dim)
+    eigvecs = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))[0]
+    gains = torch.rand(dim, generator=generator, dtype=torch.float64)
+    out = symmetric_product(eigvecs * gains, eigvecs, block_rows=block_rows)
+    expected = eigvecs @ torch.diag(gains) @ eigvecs.T
+    assert float((out - expected).abs().max()) <= 1e-14
 
 
 def test_tiles_cover_every_column_support():

@@ -23,6 +23,9 @@ logger = logging.get_logger(__name__)
 _MIN_BETA_PROD = 1e-20
 # Logits more than this below their row's running max are raised to it before exp (see `_raise_small_logits`).
 _LOGIT_FLOOR = 80.0
+# The dense formulation's GEMM `[B n, D] x [D, D]` takes n = DENSE_PIECE_ROWS / B images at a time (3 buffers of
+# B n D floats: 25 MB each at D = 3072).
+DENSE_PIECE_ROWS = 2048
 
 
 def _raise_small_logits(logits: torch.Tensor, softmax: OnlineSoftmax) -> torch.Tensor:
@@ -45,6 +48,11 @@ class LocalityMask:
     tiles: list  # [(p_idx [P], q_idx [K] or None, complement)]: see `locality_tiles`
     nonzero_fraction: float  # share of non-zero mask entries
     all_ones: bool  # the mask is all ones: the optimal denoiser
+
+    @property
+    def dense(self) -> bool:
+        """The tiling reads every input for every output pixel: the dense formulation, one GEMM for all pixels."""
+        return not self.all_ones and all(q_idx is None and not complement for _, q_idx, complement in self.tiles)
 
 
 class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
@@ -262,7 +270,26 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             softmax = reduce_softmax_over_shards(self, softmax, (batch_size,), (x_t.shape[1],), x_t.device)
             return mean + softmax.result()
 
-        # 3. Per tile T of output pixels (inputs K = the union of their supports, see `locality_tiles`):
+        # 3. Dense formulation (no tiling reads less, or a soft mask): per piece of n images,
+        #    e[b, i, q] = (x[b, q] - sqrt(a) y_i[q])^2 / (2 (1 - a) tau)
+        #    logit[b, i, p] = -sum_q e[b, i, q] M[q, p]         one GEMM  [B n, D] x [D, D]  for all pixels,
+        #    streamed through one online softmax per (b, p) with values y_i[p]. The distances are sums of
+        #    non-negative terms (no cancellation: exact to float32 rounding also where 1 - a is tiny).
+        if mask.dense:
+            dim = x_t.shape[1]
+            neg_mask = mask.mask.to(torch.float32).neg_()  # -M  [D, D] (rebuilt per call: 4 D^2 bytes)
+            root_scale = math.sqrt(scale)
+            softmax = OnlineSoftmax()
+            piece = min(chunk_size, max(1, DENSE_PIECE_ROWS // batch_size))
+            for _, y in image_chunks(self.images, piece, indices=subset, device=x_t.device):
+                y_c = y - mean  # [n, D]
+                error = (x_c[:, None, :] - sqrt_a * y_c).mul_(root_scale).square_()  # e  [B, n, D]
+                logits = (error.reshape(-1, dim) @ neg_mask).reshape(batch_size, len(y_c), dim).transpose(1, 2)
+                softmax.update(_raise_small_logits(logits, softmax), lambda w, y_c=y_c: w.mul_(y_c.T).sum(-1))
+            softmax = reduce_softmax_over_shards(self, softmax, (batch_size, dim), (), x_t.device)
+            return mean + softmax.result()
+
+        # 4. Per tile T of output pixels (inputs K = the union of their supports, see `locality_tiles`):
         #    cross[b, p, i] = sum_q (x[b, q] M[q, p]) y_i[q]        one GEMM  [B P, K] x [K, n]
         #    data[p, i]     = sum_q M[q, p] y_i[q]^2                one GEMM  [P, K] x [K, n]   (shared by the batch)
         #    logit[b, p, i] = (2 sqrt(a) cross - a data) / (2 (1 - a) tau)      (sum_q M x^2 cancels in the softmax)

