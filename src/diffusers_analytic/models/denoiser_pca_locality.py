@@ -71,13 +71,14 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
     on `chunk_size` or on the order of the data). The reference implementation averages per-batch softmaxes, which is
     exact only when the whole data set is one batch.
 
-    Speed: the mask of a noise level is computed once (one float64 D x D GEMM) and cached (an LRU of
-    `mask_cache_size` noise levels keyed by `a`). The query-only term sum_q M[q, p] x_t[q]^2 does not depend on i and
-    cancels in the softmax; the data-only term sum_q M[q, p] y_i[q]^2 is one GEMM per data chunk shared by the whole
-    batch, and the cross term sum_q x_t[q] M[q, p] y_i[q] is one GEMM `[B P, K] x [K, n]` per tile of output pixels:
-    B N D^2 multiply-adds at GEMM rate for a dense mask; when tiles of neighbouring pixels share a small support
-    (or a small complement support, for nearly full masks) only that support is read. An all-ones mask (high noise)
-    is the optimal denoiser: one `[B, D] x [D, n]` GEMM per chunk. On natural 32x32 patches the binarised masks are
+    Speed: the mask of a noise level is computed once (one symmetric float64 D x D product) and cached (an LRU of
+    `mask_cache_size` noise levels keyed by `a`). An all-ones mask (high noise) is the optimal denoiser: one
+    `[B, D] x [D, n]` GEMM per chunk. A dense mask is one GEMM `[B n, D] x [D, D]` per piece of n images (the
+    per-input terms (2 sqrt(a) x_t[q] - a y_i[q]) y_i[q] against M): B N D^2 multiply-adds at the GEMM rate, for
+    every pixel at once. When tiles of neighbouring pixels share a small support (or a small complement support, for nearly full
+    masks) only that support is read: per tile, the cross term sum_q x_t[q] M[q, p] y_i[q] is one GEMM
+    `[B P, K] x [K, n]` and the data term sum_q M[q, p] y_i[q]^2 one `[P, K] x [K, n]` shared by the batch (the
+    query term sum_q M[q, p] x_t[q]^2 cancels in the softmax). On natural 32x32 patches the binarised masks are
     sparse at low noise but not spatially coherent (at t = 0 a column has ~300 of 3072 entries, yet a 2x2 block of
     pixels of one channel reads ~950 inputs and shares only ~9), so the dense GEMM is what runs at most steps there.
 
@@ -271,20 +272,20 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             return mean + softmax.result()
 
         # 3. Dense formulation (no tiling reads less, or a soft mask): per piece of n images,
-        #    e[b, i, q] = (x[b, q] - sqrt(a) y_i[q])^2 / (2 (1 - a) tau)
-        #    logit[b, i, p] = -sum_q e[b, i, q] M[q, p]         one GEMM  [B n, D] x [D, D]  for all pixels,
-        #    streamed through one online softmax per (b, p) with values y_i[p]. The distances are sums of
-        #    non-negative terms (no cancellation: exact to float32 rounding also where 1 - a is tiny).
+        #    z[b, i, q] = (2 sqrt(a) x[b, q] - a y_i[q]) y_i[q] / (2 (1 - a) tau)
+        #    logit[b, i, p] = sum_q z[b, i, q] M[q, p]          one GEMM  [B n, D] x [D, D]  for all pixels
+        #    (the cross and data terms of the tiles below in one product; sum_q M x^2 cancels in the softmax, and
+        #    leaving it out keeps the float32 sums small), streamed through one online softmax per (b, p) with
+        #    values y_i[p].
         if mask.dense:
             dim = x_t.shape[1]
-            neg_mask = mask.mask.to(torch.float32).neg_()  # -M  [D, D] (rebuilt per call: 4 D^2 bytes)
-            root_scale = math.sqrt(scale)
+            weights = mask.mask.to(torch.float32)  # M  [D, D] (rebuilt per call: 4 D^2 bytes)
             softmax = OnlineSoftmax()
             piece = min(chunk_size, max(1, DENSE_PIECE_ROWS // batch_size))
             for _, y in image_chunks(self.images, piece, indices=subset, device=x_t.device):
                 y_c = y - mean  # [n, D]
-                error = (x_c[:, None, :] - sqrt_a * y_c).mul_(root_scale).square_()  # e  [B, n, D]
-                logits = (error.reshape(-1, dim) @ neg_mask).reshape(batch_size, len(y_c), dim).transpose(1, 2)
+                z = (x_c[:, None, :] * (2.0 * sqrt_a * scale) - y_c * (alpha_prod * scale)).mul_(y_c)  # [B, n, D]
+                logits = (z.reshape(-1, dim) @ weights).reshape(batch_size, len(y_c), dim).transpose(1, 2)  # [B, D, n]
                 softmax.update(_raise_small_logits(logits, softmax), lambda w, y_c=y_c: w.mul_(y_c.T).sum(-1))
             softmax = reduce_softmax_over_shards(self, softmax, (batch_size, dim), (), x_t.device)
             return mean + softmax.result()

@@ -669,8 +669,8 @@ def locality_tiles(
     (`complement = True`: the distance is the full distance minus the complement's, and the full distance is one
     GEMM for all pixels). The side `s` and the variant minimise the estimated multiply-adds per stored image,
     `sum_T |inputs_T| (|T| (batch_size + 1) + gather_cost) + tile_overhead * num_tiles` (+ `D (batch_size + 1)` for
-    the full distance). The dense formulation (blocks of consecutive output pixels reading all D inputs, no gather)
-    is one of the candidates, and a sparse tiling replaces it only when its estimate is below `sparse_advantage`
+    the full distance). The dense formulation (blocks of consecutive output pixels reading all D inputs, no gather;
+    `PCALocalityDenoiser` runs it as one GEMM for all pixels) is one of the candidates, and a sparse tiling replaces it only when its estimate is below `sparse_advantage`
     times the dense one (gathers and small GEMMs run below the dense GEMM rate), so it is never slower than dense.
     0.45: on 32x32x3 patches (2 CPU cores) complement tiles of 48 pixels ran at ~0.55 of the dense tiles'
     multiply-add rate (t = 700, 94% non-zero: 1.9 s against 3.2 s dense per step, N = 2000, B = 8).
