@@ -34,6 +34,28 @@ def test_equals_float64_argmin(digits, chunk_size, timestep):
     torch.testing.assert_close(out, y[chosen], atol=1e-6, rtol=0)  # a stored image, to float32 rounding
 
 
+def test_images_split_over_threads_match_float64_argmin(digits, split_over_threads):
+    # 3 ranges of ~600 digits, one per worker thread: the float64 argmin over all images
+    denoiser = da.NearestDatasetDenoiser.from_dataset(digits, chunk_size=100)
+    generator = torch.Generator().manual_seed(11)
+    y = digits.images.double().reshape(len(digits.images), -1) / 127.5 - 1
+    for timestep in (999, 300, 30):
+        a = float(denoiser.alphas_cumprod[timestep])
+        # inputs near images of every range, and pure noise
+        near = a**0.5 * y[[5, 700, 1500]] + (1 - a) ** 0.5 * torch.randn(3, 64, generator=generator, dtype=y.dtype)
+        x = torch.cat([near, torch.randn(3, 64, generator=generator, dtype=y.dtype)]).float()
+        out = denoiser.denoise(x.reshape(6, 1, 8, 8), timestep).double().reshape(6, -1)
+        assert split_over_threads[-1] == [(0, 599), (599, 1198), (1198, 1797)]
+        distances = ((x.double()[:, None] - a**0.5 * y[None]) ** 2).sum(-1)
+        chosen = (out[:, None] - y[None]).abs().sum(-1).argmin(1)
+        gap = distances.gather(1, chosen[:, None]).squeeze(1) - distances.min(1).values
+        assert (gap <= 1e-5 * distances.min(1).values.clamp(min=1)).all()
+    classes = torch.tensor([3, 3, 8, 8, 0, 9])
+    out = denoiser.denoise(x.reshape(6, 1, 8, 8), 30, class_labels=classes).double().reshape(6, -1)
+    chosen = (out[:, None] - y[None]).abs().sum(-1).argmin(1)
+    assert torch.equal(digits.labels[chosen], classes)
+
+
 def test_is_the_zero_temperature_limit_of_optimal():
     # Well-separated data: N random sign images in D = 64 (pairwise distances ~ 2 sqrt(2 D)).
     generator = torch.Generator().manual_seed(0)

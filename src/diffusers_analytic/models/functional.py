@@ -563,11 +563,33 @@ def nearest_indices(
     two_sqrt_a_s = (2.0 * a.sqrt() * scale).float().to(x_t.device)
     query = (x_t - sqrt_a[:, None] * mean) * two_sqrt_a_s[:, None]  # 2 sqrt(a) s x'  [B, D]
     neg_a = -a.float().to(x_t.device)
-    other_class = None if class_labels is None else _OtherClass(labels, class_labels.to(x_t.device))
-    reader = _PieceReader(images, _piece_size(x_t.device, chunk_size, images))
-    logits_buffer = torch.empty(len(x_t), min(chunk_size, len(images)), device=x_t.device)
-    best_score = torch.full((len(x_t),), float("inf"), device=x_t.device)
-    best_index = torch.zeros(len(x_t), dtype=torch.int64, device=x_t.device)
+    if class_labels is not None:
+        class_labels = class_labels.to(x_t.device)
+
+    def nearest_over(bounds: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        start, stop = bounds
+        other_class = None if class_labels is None else _OtherClass(labels[start:stop], class_labels)
+        index, score = _nearest_state(query, neg_a, images[start:stop], sq_norms[start:stop], chunk_size, other_class)
+        return index + start, score
+
+    ranges = _image_ranges(len(images), len(x_t), x_t.device)  # one per thread for a small batch on a CPU
+    states = [nearest_over(ranges[0])] if len(ranges) == 1 else _map_single_threaded(nearest_over, ranges)
+    best_index, best_score = states[0]
+    for index, score in states[1:]:  # ranges in order: on a tie the lower index stays
+        better = score < best_score
+        best_score = torch.where(better, score, best_score)
+        best_index = torch.where(better, index, best_index)
+    if return_scores:
+        return best_index, best_score
+    return best_index
+
+
+def _nearest_state(query, neg_a, images, sq_norms, chunk_size, other_class) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(index [B], score [B])` of the best-scoring image of `images` per row, streamed over chunks."""
+    reader = _PieceReader(images, _piece_size(query.device, chunk_size, images))
+    logits_buffer = torch.empty(len(query), min(chunk_size, len(images)), device=query.device)
+    best_score = torch.full((len(query),), float("inf"), device=query.device)
+    best_index = torch.zeros(len(query), dtype=torch.int64, device=query.device)
     for start in range(0, len(images), chunk_size):
         stop = min(start + chunk_size, len(images))
         # -score_i = 2 sqrt(a) s x'.r_i - a ||y'_i||^2, the logits' form with query 2 sqrt(a) s x' (-inf off-class)
@@ -576,9 +598,7 @@ def nearest_indices(
         better = -chunk_best < best_score
         best_score = torch.where(better, -chunk_best, best_score)
         best_index = torch.where(better, chunk_index + start, best_index)
-    if return_scores:
-        return best_index, best_score
-    return best_index
+    return best_index, best_score
 
 
 # ---------------------------------------------------------------------------------------------- PCA locality (issue 4)
