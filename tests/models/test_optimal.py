@@ -341,3 +341,29 @@ def test_images_split_over_threads_restrict_to_the_class(digits, digits_model_sp
         for b in range(3):
             members = digits_model_space[order][data.labels == labels[b]]
             assert relative_error(out[b : b + 1], brute_force_optimal(x[b : b + 1], a, members)) <= 1e-4
+
+
+def test_concurrent_callers_leave_the_thread_count_as_it_was(
+    digits, digits_model_space, split_over_threads, monkeypatch
+):
+    # torch's thread count is process-wide: two calls at once from two threads (each splitting over 3 workers),
+    # each range slowed down so that the calls overlap
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    softmax_state = functional._softmax_state
+    monkeypatch.setattr(functional, "_softmax_state", lambda *a: time.sleep(0.05) or softmax_state(*a))
+    denoiser = da.OptimalDenoiser.from_dataset(digits, chunk_size=256)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    denoiser.denoise(x, 900)  # the derived statistics (mean, norms) are computed at the first call, not thread-safely
+    with ThreadPoolExecutor(2) as pool:
+        # the second caller starts while the first has the thread count at 1
+        calls = [(0.0, 900), (0.02, 900), (0.0, 400), (0.02, 400)]
+        outs = list(pool.map(lambda call: time.sleep(call[0]) or denoiser.denoise(x, call[1]), calls))
+    assert torch.get_num_threads() == 3
+    # (a caller that reads the thread count while the other has it at 1 streams all images at once: the same
+    # result to float32 rounding, in another summation order)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[2], outs[3], rtol=1e-5, atol=1e-6)
+    a = denoiser.alphas_cumprod[400]
+    assert relative_error(outs[2], brute_force_optimal(x.reshape(4, -1), a, digits_model_space)) <= 1e-4

@@ -75,8 +75,8 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
     `mask_cache_size` noise levels keyed by `a`). An all-ones mask (high noise) is the optimal denoiser: one
     `[B, D] x [D, n]` GEMM per chunk. A dense mask is one GEMM `[B n, D] x [D, D]` per piece of n images (the
     per-input terms (2 sqrt(a) x_t[q] - a y_i[q]) y_i[q] against M): B N D^2 multiply-adds at the GEMM rate, for
-    every pixel at once. When tiles of neighbouring pixels share a small support (or a small complement support, for nearly full
-    masks) only that support is read: per tile, the cross term sum_q x_t[q] M[q, p] y_i[q] is one GEMM
+    every pixel at once. When tiles of neighbouring pixels share a small support (or a small complement support, for
+    nearly full masks) only that support is read: per tile, the cross term sum_q x_t[q] M[q, p] y_i[q] is one GEMM
     `[B P, K] x [K, n]` and the data term sum_q M[q, p] y_i[q]^2 one `[P, K] x [K, n]` shared by the batch (the
     query term sum_q M[q, p] x_t[q]^2 cancels in the softmax). On natural 32x32 patches the binarised masks are
     sparse at low noise but not spatially coherent (at t = 0 a column has ~300 of 3072 entries, yet a 2x2 block of

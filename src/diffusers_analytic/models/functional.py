@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -302,8 +304,8 @@ def posterior_mean(
         w_i = softmax_i( -||x_t - sqrt(a) y_i||^2 / (2 (1 - a) tau) ),   x0_hat = sum_i w_i y_i
 
     exact, streamed over chunks of `chunk_size` images (logits `[B, chunk_size]`), each read in cache-sized pieces:
-    extra memory O(B * chunk_size + piece + B * D) per thread whatever N. Equal to the one-shot softmax over all N to float32
-    rounding, for any chunk size.
+    extra memory O(B * chunk_size + piece + B * D) per thread whatever N. Equal to the one-shot softmax over all N to
+    float32 rounding, for any chunk size.
 
     On a CPU a small batch (up to `SPLIT_MAX_BATCH` rows) splits the images into one contiguous range per torch
     thread, each streamed by its own worker thread with single-threaded ops (its own pieces and logits buffer), and
@@ -362,6 +364,17 @@ def posterior_mean(
 SPLIT_MAX_BATCH = 32  # split the images over the threads for batches up to this size
 MIN_IMAGES_PER_THREAD = 1024
 _POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+# torch's thread count is process-wide: one split at a time sets it to 1 and back (concurrent callers wait here).
+_SPLIT_LOCK = threading.Lock()
+
+
+def _forget_pool() -> None:  # a forked child has the executor object but not its threads
+    global _POOL, _POOL_SIZE, _SPLIT_LOCK
+    _POOL, _POOL_SIZE, _SPLIT_LOCK = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _image_ranges(num_images: int, batch_size: int, device: torch.device) -> list[tuple[int, int]]:
@@ -377,15 +390,17 @@ def _image_ranges(num_images: int, batch_size: int, device: torch.device) -> lis
 
 def _map_single_threaded(fn: Callable, items: list) -> list:
     """`[fn(item) ...]`, one item per worker thread, with torch's intra-op threads set to 1 meanwhile (restored)."""
-    global _POOL
-    threads = torch.get_num_threads()
-    if _POOL is None or _POOL._max_workers < len(items):
-        _POOL = ThreadPoolExecutor(max_workers=len(items), thread_name_prefix="diffusers-analytic")
-    torch.set_num_threads(1)
-    try:
-        return list(_POOL.map(fn, items))
-    finally:
-        torch.set_num_threads(threads)
+    global _POOL, _POOL_SIZE
+    with _SPLIT_LOCK:
+        if _POOL is None or _POOL_SIZE < len(items):
+            _POOL = ThreadPoolExecutor(max_workers=len(items), thread_name_prefix="diffusers-analytic")
+            _POOL_SIZE = len(items)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return list(_POOL.map(fn, items))
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _softmax_state(query, neg_c2, images, sq_norms, chunk_size, other_class) -> OnlineSoftmax:
@@ -690,8 +705,9 @@ def locality_tiles(
     GEMM for all pixels). The side `s` and the variant minimise the estimated multiply-adds per stored image,
     `sum_T |inputs_T| (|T| (batch_size + 1) + gather_cost) + tile_overhead * num_tiles` (+ `D (batch_size + 1)` for
     the full distance). The dense formulation (blocks of consecutive output pixels reading all D inputs, no gather;
-    `PCALocalityDenoiser` runs it as one GEMM for all pixels) is one of the candidates, and a sparse tiling replaces it only when its estimate is below `sparse_advantage`
-    times the dense one (gathers and small GEMMs run below the dense GEMM rate), so it is never slower than dense.
+    `PCALocalityDenoiser` runs it as one GEMM for all pixels) is one of the candidates, and a sparse tiling replaces
+    it only when its estimate is below `sparse_advantage` times the dense one (gathers and small GEMMs run below the
+    dense GEMM rate), so it is never slower than dense.
     0.45: on 32x32x3 patches (2 CPU cores) complement tiles of 48 pixels ran at ~0.55 of the dense tiles'
     multiply-add rate (t = 700, 94% non-zero: 1.9 s against 3.2 s dense per step, N = 2000, B = 8).
 
