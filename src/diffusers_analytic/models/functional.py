@@ -341,13 +341,9 @@ def posterior_mean(
         other_class = None if class_labels is None else _OtherClass(labels[start:stop], class_labels)
         return _softmax_state(query, neg_c2, images[start:stop], sq_norms[start:stop], chunk_size, other_class)
 
-    ranges = _image_ranges(len(images), len(x_t), x_t.device)
-    if len(ranges) == 1:
-        softmax = softmax_over(0, len(images))
-    else:
-        softmax = OnlineSoftmax()
-        for state in _map_single_threaded(lambda bounds: softmax_over(*bounds), ranges):
-            softmax.merge(state)
+    softmax, *others = _over_image_ranges(lambda bounds: softmax_over(*bounds), len(images), len(x_t), x_t.device)
+    for state in others:
+        softmax.merge(state)
     if reduce_softmax is not None:
         softmax = reduce_softmax(softmax)
     # x0_hat = sum_i w_i y_i = s (sum_i w_i r_i) + o.
@@ -360,7 +356,7 @@ def posterior_mean(
 # On a CPU the skinny GEMMs of a small batch ([B, D] x [D, piece]) gain little from a second BLAS thread: on the
 # 2-core AMD EPYC of this project's machines, N = 10000 and B = 8 took 16 ms with one contiguous range of images per
 # thread (each streamed with single-threaded ops, the online-softmax states merged exactly) against 23-30 ms with
-# both BLAS threads on one stream; equal at B = 32, slower at B = 64 with N = 2000 (`benchmarks/bench_optimal.py`).
+# both BLAS threads on one stream; equal at B = 32, slower at B = 64 with N = 2000 (`benchmarks/bench_ab.py split`).
 SPLIT_MAX_BATCH = 32  # split the images over the threads for batches up to this size
 MIN_IMAGES_PER_THREAD = 1024
 _POOL: ThreadPoolExecutor | None = None
@@ -388,17 +384,23 @@ def _image_ranges(num_images: int, batch_size: int, device: torch.device) -> lis
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _map_single_threaded(fn: Callable, items: list) -> list:
-    """`[fn(item) ...]`, one item per worker thread, with torch's intra-op threads set to 1 meanwhile (restored)."""
+def _over_image_ranges(fn: Callable, num_images: int, batch_size: int, device: torch.device) -> list:
+    """
+    `[fn((start, stop)) ...]` over `_image_ranges`, in order: the single range in the calling thread, several ranges
+    one per worker thread, with torch's intra-op threads set to 1 meanwhile (restored).
+    """
+    ranges = _image_ranges(num_images, batch_size, device)
+    if len(ranges) == 1:
+        return [fn(ranges[0])]
     global _POOL, _POOL_SIZE
     with _SPLIT_LOCK:
-        if _POOL is None or _POOL_SIZE < len(items):
-            _POOL = ThreadPoolExecutor(max_workers=len(items), thread_name_prefix="diffusers-analytic")
-            _POOL_SIZE = len(items)
+        if _POOL is None or _POOL_SIZE < len(ranges):
+            _POOL = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="diffusers-analytic")
+            _POOL_SIZE = len(ranges)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return list(_POOL.map(fn, items))
+            return list(_POOL.map(fn, ranges))
         finally:
             torch.set_num_threads(threads)
 
@@ -587,10 +589,8 @@ def nearest_indices(
         index, score = _nearest_state(query, neg_a, images[start:stop], sq_norms[start:stop], chunk_size, other_class)
         return index + start, score
 
-    ranges = _image_ranges(len(images), len(x_t), x_t.device)  # one per thread for a small batch on a CPU
-    states = [nearest_over(ranges[0])] if len(ranges) == 1 else _map_single_threaded(nearest_over, ranges)
-    best_index, best_score = states[0]
-    for index, score in states[1:]:  # ranges in order: on a tie the lower index stays
+    (best_index, best_score), *others = _over_image_ranges(nearest_over, len(images), len(x_t), x_t.device)
+    for index, score in others:  # ranges in order: on a tie the lower index stays
         better = score < best_score
         best_score = torch.where(better, score, best_score)
         best_index = torch.where(better, index, best_index)
