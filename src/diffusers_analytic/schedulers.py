@@ -49,7 +49,9 @@ import diffusers
 import torch
 from diffusers.utils import logging
 
-from .models.modeling_analytic import PREDICTION_TYPES, _log_sigma
+from .models import schedule
+from .models.modeling_analytic import PREDICTION_TYPES
+from .models.schedule import SCHEDULE_KEYS
 
 logger = logging.get_logger(__name__)
 
@@ -131,15 +133,6 @@ SCHEDULER_ALIASES = {
     "edm-euler": ("EDMEulerScheduler", {}),
     "edm-dpm++2m": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
-
-SCHEDULE_KEYS = (
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "trained_betas",
-    "rescale_betas_zero_snr",
-)
 
 # A noise level the denoiser does not cover is evaluated at the nearest covered one; a warning is logged when that
 # changes a = 1 / (1 + sigma^2) by more than this. (Euler-type schedulers store sigma = 4096, a = 2**-24, for the
@@ -225,7 +218,7 @@ def timestep_for_sigma(denoiser, sigma: float) -> tuple[float, bool]:
     the last finite sigma and the a = 0 endpoint of a zero-terminal-SNR schedule, t is the nearest covered step
     (nearest in a = 1 / (1 + sigma^2)); the flag says whether that changes a by more than `OUT_OF_RANGE_ATOL`.
     """
-    log_sigmas = _log_sigma(denoiser.alphas_cumprod)  # [T] float64, increasing; +inf where a = 0
+    log_sigmas = schedule.log_sigma(denoiser.alphas_cumprod)  # [T] float64, increasing; +inf where a = 0
     last = len(log_sigmas) - 1
     log_sigma = math.log(sigma) if sigma > 0 else -math.inf
     alpha = 1.0 / (1.0 + sigma**2)
@@ -248,7 +241,7 @@ def timestep_for_sigma(denoiser, sigma: float) -> tuple[float, bool]:
 
 def sigma_range(denoiser) -> tuple[float, float]:
     """`(sigma(0), sigma(T - 1))` of the denoiser's training schedule (VP sigma; the second is inf with zero SNR)."""
-    log_sigmas = _log_sigma(denoiser.alphas_cumprod)
+    log_sigmas = schedule.log_sigma(denoiser.alphas_cumprod)
     return math.exp(float(log_sigmas[0])), math.exp(float(log_sigmas[-1]))
 
 

@@ -16,11 +16,10 @@ from ..distributed import reduce_softmax_over_shards, reduce_softmaxes_over_shar
 from ..fitting import eigen_decomposition, fit_moments
 from .functional import STORAGE_DTYPES, OnlineSoftmax, image_chunks, locality_tiles, pca_locality_mask
 from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive
+from .schedule import MIN_BETA_PROD
 
 logger = logging.get_logger(__name__)
 
-# Where 1 - a is exactly 0 the logits divide by this instead (a finite, extremely peaked softmax).
-_MIN_BETA_PROD = 1e-20
 # Logits more than this below their row's running max are raised to it before exp (see `_raise_small_logits`).
 _LOGIT_FLOOR = 80.0
 # The dense formulation's GEMM `[B n, D] x [D, D]` takes n = DENSE_PIECE_ROWS / B images at a time (3 buffers of
@@ -253,7 +252,7 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         batch_size = x_t.shape[0]  # x_t [B, D]
         chunk_size = chunk_size or self.config.chunk_size
         sqrt_a = math.sqrt(alpha_prod)
-        scale = 1.0 / (2.0 * max(beta_prod, _MIN_BETA_PROD) * float(self.config.temperature))  # 1 / (2 (1 - a) tau)
+        scale = 1.0 / (2.0 * max(beta_prod, MIN_BETA_PROD) * float(self.config.temperature))  # 1 / (2 (1 - a) tau)
         mean = self.mean.to(x_t.device, torch.float32)
         x_c = x_t - sqrt_a * mean  # x - sqrt(a) mu  [B, D]
 

@@ -1,7 +1,7 @@
 """The part every analytic denoiser shares: the training noise schedule, ``a(t)`` for integer and fractional
 timesteps, input checks, and the conversion of ``x0_hat`` into the prediction a diffusers scheduler asks for.
 
-Notation (DESIGN.md section 1), VP diffusion with the DDPM schedule of the config::
+Notation (docs/math.md), VP diffusion with the DDPM schedule of the config::
 
     x_t = sqrt(a_t) * x_0 + sqrt(1 - a_t) * eps,     a_t = alphas_cumprod[t]   (alpha_prod_t -> a, beta_prod_t -> 1 - a)
 
@@ -16,22 +16,18 @@ import math
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.utils import logging
 
 from .. import __version__
+from . import schedule
+from .schedule import MIN_BETA_PROD, alphas_cumprod_from_schedule
 
 logger = logging.get_logger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # `from_dataset` keywords that describe the data source rather than the denoiser.
 DATA_SOURCE_KEYWORDS = ("image_column", "label_column", "resolution", "channels", "labels")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-
-# Where 1 - a is exactly zero (a schedule whose first beta is 0), epsilon and v divide by sqrt(_MIN_BETA_PROD)
-# instead of by zero, so the output stays finite.
-_MIN_BETA_PROD = 1e-20
 
 
 @dataclass
@@ -47,42 +43,6 @@ class AnalyticDenoiserOutput(UNet2DOutput):
     """
 
     pred_original_sample: torch.Tensor | None = None
-
-
-def alphas_cumprod_from_schedule(
-    num_train_timesteps: int = 1000,
-    beta_start: float = 0.0001,
-    beta_end: float = 0.02,
-    beta_schedule: str = "linear",
-    trained_betas: list[float] | None = None,
-    rescale_betas_zero_snr: bool = False,
-) -> torch.Tensor:
-    """
-    The cumulative product of alphas of a DDPM noise schedule, float64 `[num_train_timesteps]` on the CPU.
-
-    Computed by diffusers' own `DDIMScheduler`, so that it equals, bit for bit, the `alphas_cumprod` of any scheduler
-    built from the same values.
-    """
-    if beta_schedule not in BETA_SCHEDULES and trained_betas is None:
-        raise ValueError(f"`beta_schedule` must be one of {BETA_SCHEDULES}, got {beta_schedule!r}.")
-    if trained_betas is not None and len(trained_betas) != num_train_timesteps:
-        raise ValueError(
-            f"`trained_betas` has {len(trained_betas)} entries but `num_train_timesteps` is {num_train_timesteps}."
-        )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_start=beta_start,
-        beta_end=beta_end,
-        beta_schedule=beta_schedule,
-        trained_betas=trained_betas,
-        rescale_betas_zero_snr=rescale_betas_zero_snr,
-    )
-    return scheduler.alphas_cumprod.to(torch.float64)
-
-
-def _log_sigma(alpha_prod: torch.Tensor) -> torch.Tensor:
-    """log sigma with sigma = sqrt((1 - a) / a); +inf where a = 0 (zero terminal SNR)."""
-    return 0.5 * (torch.log1p(-alpha_prod) - torch.log(alpha_prod))
 
 
 class AnalyticDenoiserMixin:
@@ -182,8 +142,8 @@ class AnalyticDenoiserMixin:
         frac = t - t_low.to(torch.float64)
 
         alpha_low = self._alphas_cumprod[t_low]
-        log_sigma_low = _log_sigma(alpha_low)
-        log_sigma_high = _log_sigma(self._alphas_cumprod[t_high])
+        log_sigma_low = schedule.log_sigma(alpha_low)
+        log_sigma_high = schedule.log_sigma(self._alphas_cumprod[t_high])
         # frac > 0 only; where frac == 0 the integer value is used as is (and inf - inf never happens).
         log_sigma = log_sigma_low + frac * (log_sigma_high - log_sigma_low)
         is_integer = frac == 0
@@ -376,7 +336,7 @@ class AnalyticDenoiserMixin:
         if prediction_type == "sample":
             return x0_hat
         sqrt_alpha = _per_sample(alpha_prod.sqrt(), x_t)
-        sqrt_beta = _per_sample(beta_prod.clamp(min=_MIN_BETA_PROD).sqrt(), x_t)
+        sqrt_beta = _per_sample(beta_prod.clamp(min=MIN_BETA_PROD).sqrt(), x_t)
         if prediction_type == "epsilon":
             return (x_t - sqrt_alpha * x0_hat) / sqrt_beta
         return (sqrt_alpha * x_t - x0_hat) / sqrt_beta  # v_prediction

@@ -17,6 +17,7 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import __version__
+from ..models.schedule import SCHEDULE_KEYS
 from ..schedulers import SchedulerAdapter, scheduler_parametrisation
 
 logger = logging.get_logger(__name__)
@@ -73,7 +74,7 @@ def schedule_mismatch(denoiser, scheduler) -> str | None:
     ours = denoiser.alphas_cumprod
     theirs = torch.as_tensor(scheduler_alphas).detach().to("cpu", torch.float64)
     if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=_SCHEDULE_RTOL, atol=_SCHEDULE_ATOL):
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "rescale_betas_zero_snr")
+        keys = [k for k in SCHEDULE_KEYS if k != "trained_betas"]  # (a list of 1000 numbers: mentioned, not shown)
         describe = lambda config: ", ".join(f"{k}={config.get(k)}" for k in keys)  # noqa: E731
         has_trained = lambda config: " (with trained_betas)" if config.get("trained_betas") is not None else ""  # noqa: E731
         return (
@@ -86,15 +87,7 @@ def schedule_mismatch(denoiser, scheduler) -> str | None:
 
 def scheduler_from_denoiser(denoiser, scheduler_class=DDIMScheduler, **kwargs):
     """A scheduler of `scheduler_class` with the denoiser's training schedule and prediction type."""
-    keys = (
-        "num_train_timesteps",
-        "beta_start",
-        "beta_end",
-        "beta_schedule",
-        "trained_betas",
-        "rescale_betas_zero_snr",
-    )
-    config = {k: denoiser.config[k] for k in keys}
+    config = {k: denoiser.config[k] for k in SCHEDULE_KEYS}
     config["prediction_type"] = denoiser.config.prediction_type
     accepted = inspect.signature(scheduler_class.__init__).parameters
     config = {k: v for k, v in config.items() if k in accepted}
