@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -319,3 +320,22 @@ def is_hf_dataset(data) -> bool:
     """True for a `datasets.Dataset` or `datasets.IterableDataset` (without importing `datasets`)."""
     module = type(data).__module__
     return module.startswith("datasets.") and hasattr(data, "iter") and hasattr(data, "features")
+
+
+@dataclass
+class DataShard:
+    """
+    This process's shard of a data source, for distributed fitting: fitting functions that stream moments
+    ([`~diffusers_analytic.kernels.moments.fit_moments`], hence `WienerDenoiser.from_dataset`) read `data` and all-reduce
+    the sums, so every process ends with the statistics of the whole data set. Make one with [`~diffusers_analytic.distributed.shard_data`].
+
+    Args:
+        data: the shard itself (a tensor slice, an `ImageSet` slice, a `datasets` shard or an iterable of batches).
+        index (`int`), num_shards (`int`): which shard of how many.
+        communicator: how the sums are combined (a `distributed.ProcessGroupCommunicator` in a real run; see `kernels.reductions.Communicator`).
+    """
+
+    data: Any
+    index: int
+    num_shards: int
+    communicator: Any = field(default=None, repr=False)

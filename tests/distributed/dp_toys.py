@@ -9,9 +9,9 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from diffusers_analytic.distributed import reduce_softmax_over_shards
-from diffusers_analytic.models.functional import OnlineSoftmax, image_chunks
-from diffusers_analytic.models.modeling_analytic import AnalyticDenoiserMixin
+from diffusers_analytic.kernels.online_softmax import OnlineSoftmax
+from diffusers_analytic.kernels.stored_images import image_chunks
+from diffusers_analytic.models.stored_images import StoredImagesMixin
 
 
 class ThreadGroup:
@@ -59,10 +59,10 @@ class ThreadCommunicator:
         return result
 
 
-class ToyOptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
-    """The exact optimal denoiser in its plainest streamed form, with the data-parallel hook."""
+class ToyOptimalDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
+    """The exact optimal denoiser in its plainest streamed form, with the data-parallel reduction."""
 
-    _data_parallel_buffers = ("images",)
+    supports_data_parallel = True
 
     @register_to_config
     def __init__(
@@ -81,7 +81,7 @@ class ToyOptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
     ):
         super().__init__()
         self._init_analytic()
-        self.register_buffer("images", torch.zeros(num_images, in_channels, *self.image_size, dtype=torch.uint8))
+        self._register_image_storage(num_images, "uint8", has_labels=False)
 
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
         x = x_t.reshape(len(x_t), -1)  # [B, D]
@@ -91,7 +91,5 @@ class ToyOptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             # -||x - sqrt(a) y||^2 / (2 (1 - a)) up to the row constant ||x||^2
             logits = (2 * a.sqrt() * (x @ y.T) - a * (y * y).sum(1)) / (2 * one_minus_a)  # [B, n]
             state.update(logits, lambda w, y=y: w @ y)
-        state = reduce_softmax_over_shards(
-            self, state, rows_shape=(len(x),), value_shape=(x.shape[1],), device=x.device
-        )
+        state = self._reduce_softmax(state, rows_shape=(len(x),), value_shape=(x.shape[1],), device=x.device)
         return state.result().reshape(x_t.shape)

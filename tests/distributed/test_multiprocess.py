@@ -14,7 +14,7 @@ import torch
 
 import diffusers_analytic as da
 from diffusers_analytic.commands.cli import main
-from diffusers_analytic.fitting import fit_moments
+from diffusers_analytic.kernels.moments import fit_moments
 
 from . import dp_cases
 from .launching import accelerate_launch, run_launched

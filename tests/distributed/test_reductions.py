@@ -7,17 +7,11 @@ import pytest
 import torch
 
 import diffusers_analytic as da
-from diffusers_analytic.distributed import (
-    DataShard,
-    all_reduce_nearest,
-    all_reduce_online_softmax,
-    all_reduce_online_softmaxes,
-    shard_bounds,
-    shard_data,
-    shard_for_data_parallel,
-)
-from diffusers_analytic.fitting import StreamingMoments, fit_moments
-from diffusers_analytic.models.functional import OnlineSoftmax
+from diffusers_analytic.data import DataShard
+from diffusers_analytic.distributed import shard_bounds, shard_data, shard_for_data_parallel
+from diffusers_analytic.kernels.moments import StreamingMoments, fit_moments
+from diffusers_analytic.kernels.online_softmax import OnlineSoftmax
+from diffusers_analytic.kernels.reductions import all_reduce_nearest, all_reduce_online_softmaxes
 
 from . import dp_cases
 from .dp_toys import ThreadGroup, ToyOptimalDenoiser
@@ -114,7 +108,7 @@ def test_all_reduce_online_softmax_is_exact(world_size):
         for chunk_start in range(start, stop, 7):
             chunk = slice(chunk_start, min(chunk_start + 7, stop))
             state.update(logits[:, chunk], lambda w, chunk=chunk: w @ values[chunk])
-        return all_reduce_online_softmax(state, communicator).result()
+        return all_reduce_online_softmaxes([state], communicator)[0].result()
 
     for result in ThreadGroup(world_size).run(reduce):
         assert dp_cases.relative_error(result, expected) < 1e-6
@@ -129,12 +123,12 @@ def test_all_reduce_online_softmax_with_an_empty_shard():
             state.update(logits, lambda w: w @ values)
         return state
 
-    with pytest.raises(ValueError, match="pass `rows_shape` and `value_shape`"):
-        all_reduce_online_softmax(OnlineSoftmax(), ThreadGroup(1).communicator(0))
+    with pytest.raises(ValueError, match="pass its `\\(rows_shape, value_shape\\)`"):
+        all_reduce_online_softmaxes([OnlineSoftmax()], ThreadGroup(1).communicator(0))
     results = ThreadGroup(2).run(
-        lambda rank, communicator: all_reduce_online_softmax(
-            state_of(rank), communicator, rows_shape=(4,), value_shape=(3,)
-        ).result()
+        lambda rank, communicator: all_reduce_online_softmaxes([state_of(rank)], communicator, [((4,), (3,))])[
+            0
+        ].result()
     )
     for result in results:
         assert dp_cases.relative_error(result, reference_softmax_sum(logits, values)) < 1e-6

@@ -23,11 +23,12 @@ from diffusers_analytic import distributed
 from diffusers_analytic.commands.cli import main
 from diffusers_analytic.distributed import (
     ProcessGroupCommunicator,
-    all_reduce_nearest,
     shard_data,
     shard_for_data_parallel,
 )
-from diffusers_analytic.fitting import fit_moments
+from diffusers_analytic.kernels import moments as moments_module
+from diffusers_analytic.kernels.moments import fit_moments
+from diffusers_analytic.kernels.reductions import all_reduce_nearest
 from tests.distributed import dp_cases
 
 
@@ -61,8 +62,8 @@ def run(out: str, wiener_dir: str, dp_pipeline_dir: str) -> None:
     # 2. distributed fit through the CLI (each process streams its shard, the sums are all-reduced, the main process
     #    saves); count the all-reduces to be sure the fit was shared
     calls = []
-    all_reduce_moments = distributed.all_reduce_moments
-    distributed.all_reduce_moments = lambda moments, communicator: (
+    all_reduce_moments = moments_module.all_reduce_moments
+    moments_module.all_reduce_moments = lambda moments, communicator: (
         calls.append(moments.count) or all_reduce_moments(moments, communicator)
     )
     code = main(
@@ -78,7 +79,7 @@ def run(out: str, wiener_dir: str, dp_pipeline_dir: str) -> None:
             "100",
         ]
     )
-    distributed.all_reduce_moments = all_reduce_moments
+    moments_module.all_reduce_moments = all_reduce_moments
     assert code == 0 and calls == [899 if rank == 0 else 898], calls
     # a data-holding method is fitted by the main process alone
     assert (

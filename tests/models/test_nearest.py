@@ -5,6 +5,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import diffusers_analytic as da
+from diffusers_analytic.kernels import empirical
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,10 @@ def test_equals_float64_argmin(digits, chunk_size, timestep):
     torch.testing.assert_close(out, y[chosen], atol=1e-6, rtol=0)  # a stored image, to float32 rounding
 
 
-def test_images_split_over_threads_match_float64_argmin(digits, split_over_threads):
-    # 3 ranges of ~600 digits, one per worker thread: the float64 argmin over all images
+@pytest.mark.parametrize("blocks", [3, 4])
+def test_images_in_blocks_match_float64_argmin(digits, split_into_blocks, blocks):
+    # 3 blocks of 599 digits (or 4 of 449 and a one-image tail) side by side: the float64 argmin over all images
+    layouts = split_into_blocks(blocks)
     denoiser = da.NearestDatasetDenoiser.from_dataset(digits, chunk_size=100)
     generator = torch.Generator().manual_seed(11)
     y = digits.images.double().reshape(len(digits.images), -1) / 127.5 - 1
@@ -45,11 +48,16 @@ def test_images_split_over_threads_match_float64_argmin(digits, split_over_threa
         near = a**0.5 * y[[5, 700, 1500]] + (1 - a) ** 0.5 * torch.randn(3, 64, generator=generator, dtype=y.dtype)
         x = torch.cat([near, torch.randn(3, 64, generator=generator, dtype=y.dtype)]).float()
         out = denoiser.denoise(x.reshape(6, 1, 8, 8), timestep).double().reshape(6, -1)
-        assert split_over_threads[-1] == [(0, 599), (599, 1198), (1198, 1797)]
+        assert layouts[-1] == ([(0, 3, 599)] if blocks == 3 else [(0, 4, 449), (1796, 1, 1)])
         distances = ((x.double()[:, None] - a**0.5 * y[None]) ** 2).sum(-1)
         chosen = (out[:, None] - y[None]).abs().sum(-1).argmin(1)
         gap = distances.gather(1, chosen[:, None]).squeeze(1) - distances.min(1).values
         assert (gap <= 1e-5 * distances.min(1).values.clamp(min=1)).all()
+    # the plain loop of other devices, called directly on the CPU, picks the same images
+    stats = denoiser.image_stats()
+    a_b = denoiser.alphas_cumprod[30].expand(6).clone()
+    index, _ = empirical.nearest_indices(x, a_b, denoiser.images, stats, 100, cpu_fast_path=False)
+    torch.testing.assert_close(y[index].float(), out.float(), atol=1e-6, rtol=0)
     classes = torch.tensor([3, 3, 8, 8, 0, 9])
     out = denoiser.denoise(x.reshape(6, 1, 8, 8), 30, class_labels=classes).double().reshape(6, -1)
     chosen = (out[:, None] - y[None]).abs().sum(-1).argmin(1)

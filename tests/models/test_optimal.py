@@ -1,12 +1,12 @@
-"""OptimalDenoiser: the streamed exact posterior mean against a float64 brute force of DESIGN.md's formula."""
+"""OptimalDenoiser: the streamed exact posterior mean against a float64 brute force of its formula (docs/math.md)."""
 
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
 import diffusers_analytic as da
-from diffusers_analytic.models import functional
-from diffusers_analytic.models.functional import OnlineSoftmax
+from diffusers_analytic.kernels import empirical, empirical_cpu, stored_images
+from diffusers_analytic.kernels.online_softmax import OnlineSoftmax
 
 TIMESTEPS = (999, 900, 500, 100, 30)
 
@@ -68,7 +68,7 @@ def test_any_chunk_size_equals_full_softmax(digits, digits_model_space, chunk_si
 def path_spy(monkeypatch):
     """Forces the fused or the general path of `posterior_mean`, small pieces, and counts what ran."""
     counts = {"fused": 0, "general": 0}
-    fused, general = functional._fused_softmax, functional._general_update
+    fused, general = empirical_cpu._fused_state, empirical_cpu._general_update
 
     def count_fused(*args, **kwargs):
         counts["fused"] += 1
@@ -78,12 +78,12 @@ def path_spy(monkeypatch):
         counts["general"] += 1
         return general(*args, **kwargs)
 
-    monkeypatch.setattr(functional, "_fused_softmax", count_fused)
-    monkeypatch.setattr(functional, "_general_update", count_general)
-    monkeypatch.setattr(functional, "PIECE_BYTES", {"cpu": 4 * 64 * 5, "other": 4 * 64 * 5})  # 5 digits per piece
+    monkeypatch.setattr(empirical_cpu, "_fused_state", count_fused)
+    monkeypatch.setattr(empirical_cpu, "_general_update", count_general)
+    monkeypatch.setattr(stored_images, "PIECE_BYTES", {"cpu": 4 * 64 * 5, "other": 4 * 64 * 5})  # 5 digits per piece
 
     def force(path):
-        monkeypatch.setattr(functional, "BROAD_ACTIVE_FRACTION", 0.0 if path == "fused" else 2.0)
+        monkeypatch.setattr(empirical_cpu, "BROAD_ACTIVE_FRACTION", 0.0 if path == "fused" else 2.0)
         counts.update(fused=0, general=0)
         return counts
 
@@ -116,7 +116,7 @@ def test_both_paths_match_float64_brute_force(digits, digits_model_space, path_s
 @pytest.mark.parametrize("path", ["fused", "general"])
 def test_both_paths_restrict_to_the_class(digits, digits_model_space, path_spy, path, monkeypatch):
     # (the fused path needs every requested class in its first piece: 50 digits per piece here)
-    monkeypatch.setattr(functional, "PIECE_BYTES", {"cpu": 4 * 64 * 50, "other": 4 * 64 * 50})
+    monkeypatch.setattr(stored_images, "PIECE_BYTES", {"cpu": 4 * 64 * 50, "other": 4 * 64 * 50})
     denoiser = da.OptimalDenoiser.from_dataset(digits, chunk_size=100)
     labels = torch.tensor([2, 2, 9])
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(7))
@@ -133,9 +133,9 @@ def test_both_paths_restrict_to_the_class(digits, digits_model_space, path_spy, 
 def test_the_path_follows_the_posterior_width(digits, digits_model_space, monkeypatch):
     # Unforced: a broad posterior (pure noise at t = 999) takes the fused path, a peaked one (t = 30) the general.
     counts = {"fused": 0}
-    fused = functional._fused_softmax
+    fused = empirical_cpu._fused_state
     monkeypatch.setattr(
-        functional, "_fused_softmax", lambda *a, **k: counts.update(fused=counts["fused"] + 1) or fused(*a, **k)
+        empirical_cpu, "_fused_state", lambda *a, **k: counts.update(fused=counts["fused"] + 1) or fused(*a, **k)
     )
     denoiser = da.OptimalDenoiser.from_dataset(digits)
     denoiser.denoise(torch.randn(4, 1, 8, 8), 999)
@@ -309,26 +309,57 @@ def test_bad_inputs(digits):
         da.OptimalDenoiser.from_dataset(torch.zeros(0, 1, 8, 8))
 
 
+@pytest.mark.parametrize("timestep", [999, 500, 30])
+def test_plain_loop_matches_float64_brute_force(digits, digits_model_space, timestep):
+    # The streamed loop that every device but the CPU runs, called directly on the CPU; with classes too.
+    denoiser = da.OptimalDenoiser.from_dataset(digits, chunk_size=100)
+    a = denoiser.alphas_cumprod[timestep]
+    x = noisy_inputs(digits_model_space, a, 5, seed=timestep, from_data=True)
+    a_b, one_minus_a_b = a.expand(5).clone(), (1 - a).expand(5).clone()
+    stats = denoiser.image_stats()
+    out = empirical.posterior_mean(x, a_b, one_minus_a_b, denoiser.images, stats, 100, cpu_fast_path=False)
+    assert relative_error(out, brute_force_optimal(x, a, digits_model_space)) <= 1e-4
+    labels = torch.tensor([3, 3, 7, 0, 9])
+    out = empirical.posterior_mean(
+        x,
+        a_b,
+        one_minus_a_b,
+        denoiser.images,
+        stats,
+        100,
+        labels=denoiser.labels,
+        class_labels=labels,
+        cpu_fast_path=False,
+    )
+    for b in range(5):
+        members = digits_model_space[digits.labels == labels[b]]
+        assert relative_error(out[b : b + 1], brute_force_optimal(x[b : b + 1], a, members)) <= 1e-4
+
+
+@pytest.mark.parametrize("blocks", [3, 4])  # 1797 = 3 x 599 = 4 x 449 + 1 (a one-image tail block)
 @pytest.mark.parametrize("storage_dtype", ["uint8", "float32"])
 @pytest.mark.parametrize("timestep", [999, 500, 30])
-def test_images_split_over_threads_match_float64_brute_force(
-    digits, digits_model_space, split_over_threads, storage_dtype, timestep
+def test_images_in_blocks_match_float64_brute_force(
+    digits, digits_model_space, split_into_blocks, blocks, storage_dtype, timestep
 ):
+    layouts = split_into_blocks(blocks)
     denoiser = da.OptimalDenoiser.from_dataset(digits, chunk_size=256, storage_dtype=storage_dtype)
     a = denoiser.alphas_cumprod[timestep]
     x = noisy_inputs(digits_model_space, a, 6, seed=timestep, from_data=True)
+    threads = torch.get_num_threads()
     out = denoiser.denoise(x.reshape(6, 1, 8, 8), timestep)
-    assert split_over_threads[-1] == [(0, 599), (599, 1198), (1198, 1797)]
+    assert layouts[-1] == ([(0, 3, 599)] if blocks == 3 else [(0, 4, 449), (1796, 1, 1)])
     assert relative_error(out, brute_force_optimal(x, a, digits_model_space)) <= 1e-4
-    assert torch.get_num_threads() == 3  # restored after the workers ran single-threaded
-    # a batch above SPLIT_MAX_BATCH reads all images in one stream
-    big = torch.randn(functional.SPLIT_MAX_BATCH + 1, 1, 8, 8)
+    assert torch.get_num_threads() == threads  # nothing process-wide is changed
+    # a batch above SMALL_BATCH reads all images as one block
+    big = torch.randn(empirical_cpu.SMALL_BATCH + 1, 1, 8, 8)
     denoiser.denoise(big, timestep)
-    assert split_over_threads[-1] == [(0, 1797)]
+    assert layouts[-1] == [(0, 1, 1797)]
 
 
-def test_images_split_over_threads_restrict_to_the_class(digits, digits_model_space, split_over_threads):
-    # digit 0 only in the first range: the other ranges hold no image of that class for sample 0
+def test_images_in_blocks_restrict_to_the_class(digits, digits_model_space, split_into_blocks):
+    # digit 0 only in the first block: the other blocks hold no image of that class for sample 0
+    layouts = split_into_blocks(3)
     order = torch.argsort((digits.labels != 0).long(), stable=True)
     data = da.ImageSet(digits.images[order], digits.labels[order])
     denoiser = da.OptimalDenoiser.from_dataset(data, chunk_size=128)
@@ -336,34 +367,26 @@ def test_images_split_over_threads_restrict_to_the_class(digits, digits_model_sp
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
     for timestep in (950, 200):
         out = denoiser.denoise(x.reshape(3, 1, 8, 8), timestep, class_labels=labels)
-        assert len(split_over_threads[-1]) == 3
+        assert layouts[-1] == [(0, 3, 599)]
         a = denoiser.alphas_cumprod[timestep]
         for b in range(3):
             members = digits_model_space[order][data.labels == labels[b]]
             assert relative_error(out[b : b + 1], brute_force_optimal(x[b : b + 1], a, members)) <= 1e-4
 
 
-def test_concurrent_callers_leave_the_thread_count_as_it_was(
-    digits, digits_model_space, split_over_threads, monkeypatch
-):
-    # torch's thread count is process-wide: two calls at once from two threads (each splitting over 3 workers),
-    # each range slowed down so that the calls overlap
-    import time
+def test_concurrent_callers_get_the_serial_results(digits, split_into_blocks):
+    # Two threads of the user's program denoise at once: no shared state is changed under them (thread counts
+    # included), so each gets what it gets alone.
     from concurrent.futures import ThreadPoolExecutor
 
-    softmax_state = functional._softmax_state
-    monkeypatch.setattr(functional, "_softmax_state", lambda *a: time.sleep(0.05) or softmax_state(*a))
+    split_into_blocks(3)
     denoiser = da.OptimalDenoiser.from_dataset(digits, chunk_size=256)
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    denoiser.denoise(x, 900)  # the derived statistics (mean, norms) are computed at the first call, not thread-safely
-    with ThreadPoolExecutor(2) as pool:
-        # the second caller starts while the first has the thread count at 1
-        calls = [(0.0, 900), (0.02, 900), (0.0, 400), (0.02, 400)]
-        outs = list(pool.map(lambda call: time.sleep(call[0]) or denoiser.denoise(x, call[1]), calls))
-    assert torch.get_num_threads() == 3
-    # (a caller that reads the thread count while the other has it at 1 streams all images at once: the same
-    # result to float32 rounding, in another summation order)
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(outs[2], outs[3], rtol=1e-5, atol=1e-6)
-    a = denoiser.alphas_cumprod[400]
-    assert relative_error(outs[2], brute_force_optimal(x.reshape(4, -1), a, digits_model_space)) <= 1e-4
+    calls = [900, 400, 900, 400, 30, 30]
+    serial = [denoiser.denoise(x, t) for t in calls]
+    threads = torch.get_num_threads()
+    with ThreadPoolExecutor(3) as pool:
+        concurrent = list(pool.map(lambda t: denoiser.denoise(x, t), calls))
+    assert torch.get_num_threads() == threads
+    for ours, theirs in zip(concurrent, serial):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)

@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler
 import diffusers_analytic as da
 from diffusers_analytic.data import load_builtin, to_model_space
 from diffusers_analytic.models.denoiser_pca_locality import PCALocalityDenoiser
-from diffusers_analytic.models.functional import locality_tiles, symmetric_product
+from diffusers_analytic.models.pca_mask import locality_tiles, symmetric_product
 
 TIMESTEPS = (900, 500, 100, 20)
 THRESHOLDS = (0.0, 0.02, 0.05)
@@ -17,7 +17,7 @@ THRESHOLDS = (0.0, 0.02, 0.05)
 
 # ---------------------------------------------------------------------------------------------- float64 reference
 def reference_mask(denoiser, alpha_prod, threshold):
-    """DESIGN.md section 2, in float64, from the denoiser's stored eigenbasis."""
+    """The formula of docs/math.md, in float64, from the denoiser's stored eigenbasis."""
     eigvecs, eigvals = denoiser.eigvecs.double(), denoiser.eigvals.double()
     gains = alpha_prod * eigvals / (alpha_prod * eigvals + 1 - alpha_prod)
     wiener = eigvecs @ torch.diag(gains) @ eigvecs.T

@@ -8,20 +8,19 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from ..data import to_model_space
-from .functional import (
+from ..kernels.online_softmax import OnlineSoftmax
+from ..kernels.patches import (
     PATCH_PADDINGS,
-    OnlineSoftmax,
-    StoredImageMean,
     image_patches,
     pad_images,
     patch_logit_coefficients,
     patch_position_groups,
 )
-from .modeling_analytic import AnalyticDenoiserMixin
+from ..kernels.stored_images import StoredImageMean
 from .patch_schedule import PatchMachineMixin
 
 
-class EquivariantLocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
+class EquivariantLocalScoreDenoiser(PatchMachineMixin, ModelMixin, ConfigMixin):
     r"""
     The equivariant local score (ELS) machine of Kamb & Ganguli (arXiv 2412.20292), the closed form that best predicts
     trained convolutional diffusion models. Each output pixel p is the posterior mean of the centre of a patch, when

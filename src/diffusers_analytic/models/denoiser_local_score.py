@@ -8,18 +8,13 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from ..data import to_model_space
-from .functional import (
-    PATCH_PADDINGS,
-    OnlineSoftmax,
-    StoredImageMean,
-    box_sum,
-    patch_logit_coefficients,
-)
-from .modeling_analytic import AnalyticDenoiserMixin
+from ..kernels.online_softmax import OnlineSoftmax
+from ..kernels.patches import PATCH_PADDINGS, box_sum, patch_logit_coefficients
+from ..kernels.stored_images import StoredImageMean
 from .patch_schedule import PatchMachineMixin
 
 
-class LocalScoreDenoiser(PatchMachineMixin, AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
+class LocalScoreDenoiser(PatchMachineMixin, ModelMixin, ConfigMixin):
     r"""
     The local score (LS) machine of Kamb & Ganguli (arXiv 2412.20292): each output pixel p is the posterior mean of
     that pixel when only the k x k patch around p is observed, with the patch compared at the same location in every

@@ -1,5 +1,5 @@
 """Nearest-dataset denoiser: the training image nearest to x_t under the posterior-consistent distance
-(DESIGN.md section 2)."""
+(docs/math.md)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from ..data import to_model_space
-from ..distributed import reduce_nearest_over_shards
-from .functional import StoredImageStats, nearest_indices
-from .modeling_analytic import AnalyticDenoiserMixin, check_positive_int
+from ..kernels.empirical import nearest_indices
+from .modeling_analytic import check_positive_int
+from .stored_images import StoredImagesMixin
 
 
-class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
+class NearestDatasetDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
     r"""
     Returns the stored training image nearest to x_t:
 
@@ -39,7 +39,7 @@ class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"`, `"v_prediction"` or `"sample"`.
     """
 
-    _data_parallel_buffers = ("images", "labels")  # per-image buffers, sharded by `shard_for_data_parallel`
+    supports_data_parallel = True
 
     @register_to_config
     def __init__(
@@ -62,7 +62,6 @@ class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         self._init_analytic()
         check_positive_int("chunk_size", chunk_size)
         self._register_image_storage(num_images, storage_dtype, has_labels)  # images [N, C, H, W], labels [N]
-        self._stats = StoredImageStats()
 
     @classmethod
     def from_dataset(
@@ -76,7 +75,7 @@ class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
 
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
         # Notation: alpha_prod_t -> a, images -> y_1 .. y_N.
-        stats = self._stats.get(self.images, self.config.chunk_size)
+        stats = self.image_stats()  # (mu, ||y_i - mu||^2), derived from the stored images
         # 1. i* = argmin_i ||x_t - sqrt(a) y_i||^2, streamed (restricted to each sample's class when asked).
         nearest, scores = nearest_indices(
             x_t.reshape(len(x_t), -1),
@@ -86,8 +85,7 @@ class NearestDatasetDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             self.config.chunk_size,
             labels=self.labels,
             class_labels=class_labels,
-            return_scores=True,
         )  # [B], [B]
         # 2. x0_hat = y_{i*}, converted from the stored dtype (a data-parallel shard takes the winner over all shards).
         x0_hat = to_model_space(self.images[nearest], torch.float32)
-        return reduce_nearest_over_shards(self, scores, nearest, x0_hat)[2]
+        return self._reduce_nearest(scores, nearest, x0_hat)[2]

@@ -1,22 +1,18 @@
 """Optimal (empirical Bayes) denoiser: the exact posterior mean under the empirical distribution of the training
-images (DESIGN.md section 2)."""
+images (docs/math.md)."""
 
 from __future__ import annotations
 
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from ..distributed import reduce_softmax_over_shards
-from .functional import (
-    StoredImageStats,
-    posterior_mean,
-    posterior_mean_over_neighbors,
-)
-from .knn import NeighborIndex, check_neighbor_config
-from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive, check_positive_int
+from ..kernels.empirical import posterior_mean, posterior_mean_over_neighbors
+from ..kernels.knn import NeighborIndex, check_neighbor_config
+from .modeling_analytic import check_finite_positive, check_positive_int
+from .stored_images import StoredImagesMixin
 
 
-class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
+class OptimalDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
     r"""
     The "ideal" denoiser: the posterior mean of x_0 given x_t when the data distribution is the empirical one,
     uniform over the training images y_1 .. y_N:
@@ -38,9 +34,8 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         num_images (`int`, defaults to 1): N, the number of stored images (set by `from_dataset`).
         storage_dtype (`str`, defaults to `"float32"`): dtype of the image buffer: `"uint8"` (values 0..255, exact
             for 8-bit data), `"float16"` (model space, ~1e-3 relative rounding) or `"float32"`. A speed/memory
-            trade-off without accuracy cost for 8-bit data: uint8 chunks are cast to float32 at every call (into one
-            reused chunk buffer), float32 storage is read in place, which made calls about 15% faster in
-            `benchmarks/bench_optimal.py` for 4x the memory.
+            trade-off without accuracy cost for 8-bit data: uint8 pieces are cast to float32 at every call (into one
+            reused buffer), float32 storage is read in place for 4x the memory (`benchmarks/bench_optimal.py`).
         has_labels (`bool`, defaults to `False`): whether an int64 `labels` buffer `[N]` is stored.
         temperature (`float`, defaults to 1.0): tau > 0 divides the logits; 1 is the exact posterior mean, tau -> 0
             tends to the nearest image, tau > 1 blends more images.
@@ -61,7 +56,7 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             `"sample"` (x0).
     """
 
-    _data_parallel_buffers = ("images", "labels")  # per-image buffers, sharded by `shard_for_data_parallel`
+    supports_data_parallel = True
 
     @register_to_config
     def __init__(
@@ -91,7 +86,6 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         check_positive_int("chunk_size", chunk_size)
         check_neighbor_config(num_neighbors, num_images, faiss_index)
         self._register_image_storage(num_images, storage_dtype, has_labels)  # images [N, C, H, W], labels [N]
-        self._stats = StoredImageStats()
         self._neighbors = NeighborIndex()
 
     @classmethod
@@ -119,7 +113,7 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
         # Notation: alpha_prod_t -> a, beta_prod_t -> 1 - a, temperature -> tau, images -> y_1 .. y_N.
         config = self.config
-        stats = self._stats.get(self.images, config.chunk_size)
+        stats = self.image_stats()  # (mu, ||y_i - mu||^2), derived from the stored images
         x_flat = x_t.reshape(len(x_t), -1)  # [B, D]
         if config.num_neighbors is None:
             # Exact: softmax over all N images (or all of each sample's class), streamed.
@@ -133,7 +127,7 @@ class OptimalDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
                 config.temperature,
                 labels=self.labels,
                 class_labels=class_labels,
-                reduce_softmax=lambda state: reduce_softmax_over_shards(self, state),
+                reduce_softmax=self._reduce_softmax,  # a data-parallel shard combines all processes' states
             )
             return x0_hat.reshape(x_t.shape)
 

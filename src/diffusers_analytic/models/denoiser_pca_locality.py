@@ -1,60 +1,33 @@
 """PCA-locality denoiser (Lukoianov et al. 2025, arXiv 2509.09672): per-pixel posterior means under Wiener-derived
-locality masks (DESIGN.md section 2), exact over all stored images."""
+locality masks (docs/math.md), exact over all stored images."""
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging
 
-from ..distributed import reduce_softmax_over_shards, reduce_softmaxes_over_shards
-from ..fitting import eigen_decomposition, fit_moments
-from .functional import STORAGE_DTYPES, OnlineSoftmax, image_chunks, locality_tiles, pca_locality_mask
-from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive
-from .schedule import MIN_BETA_PROD
+from ..kernels.empirical import posterior_mean
+from ..kernels.moments import eigen_decomposition, fit_moments
+from ..kernels.online_softmax import OnlineSoftmax
+from ..kernels.schedule import MIN_BETA_PROD
+from ..kernels.stored_images import STORAGE_DTYPES, buffer_key, image_chunks
+from .modeling_analytic import check_finite_positive
+from .pca_mask import LocalityMask, locality_tiles, pca_locality_mask
+from .stored_images import StoredImagesMixin
 
 logger = logging.get_logger(__name__)
 
-# Logits more than this below their row's running max are raised to it before exp (see `_raise_small_logits`).
-_LOGIT_FLOOR = 80.0
 # The dense formulation's GEMM `[B n, D] x [D, D]` takes n = DENSE_PIECE_ROWS / B images at a time (3 buffers of
 # B n D floats: 25 MB each at D = 3072).
 DENSE_PIECE_ROWS = 2048
 
 
-def _raise_small_logits(logits: torch.Tensor, softmax: OnlineSoftmax) -> torch.Tensor:
-    """
-    Raises logits below (running row max - 80) to that value, in place: their weights, under e^-80 = 1.8e-35 of the
-    largest, change no float32 result (N of them add under N * 1.8e-35 relative), but exp of very negative numbers
-    takes a slow underflow path on CPUs (about 8x slower than exp of moderate ones).
-    """
-    row_max = logits.amax(dim=-1)
-    if softmax.max is not None:
-        row_max = torch.maximum(row_max, softmax.max)
-    return torch.maximum(logits, (row_max - _LOGIT_FLOOR).unsqueeze(-1), out=logits)
-
-
-@dataclass
-class LocalityMask:
-    """The mask of one noise level, prepared for the distance computation (see `PCALocalityDenoiser.locality_mask`)."""
-
-    mask: torch.Tensor  # [D, D] bool (binarised) or float32 (soft R)
-    tiles: list  # [(p_idx [P], q_idx [K] or None, complement)]: see `locality_tiles`
-    nonzero_fraction: float  # share of non-zero mask entries
-    all_ones: bool  # the mask is all ones: the optimal denoiser
-
-    @property
-    def dense(self) -> bool:
-        """The tiling reads every input for every output pixel: the dense formulation, one GEMM for all pixels."""
-        return not self.all_ones and all(q_idx is None and not complement for _, q_idx, complement in self.tiles)
-
-
-class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
+class PCALocalityDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
     r"""
     PCA-locality denoiser of [Lukoianov et al. 2025](https://arxiv.org/abs/2509.09672): every output pixel p is the
     posterior mean of pixel p under the empirical distribution of the stored images, seen through a locality mask
@@ -101,7 +74,7 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             `"sample"` (x0).
     """
 
-    _data_parallel_buffers = ("images", "labels")  # per-image buffers, sharded by `shard_for_data_parallel`
+    supports_data_parallel = True
 
     #: How many noise levels keep their mask in memory (D x D bool each; float32 for the soft mask).
     mask_cache_size = 16
@@ -189,12 +162,13 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         """
         The mask M at noise level `a = alpha_prod` and its tiling, cached (LRU of `mask_cache_size` noise levels).
 
-        W and R are computed in float64 from the stored eigenbasis (see [`~models.functional.pca_locality_mask`]).
+        W and R are computed in float64 from the stored eigenbasis (see [`~models.pca_mask.pca_locality_mask`]).
         """
         key = (
             float(alpha_prod),
             float(self.config.mask_threshold),
-            *((t.data_ptr(), t._version, str(t.device)) for t in (self.eigvecs, self.eigvals)),
+            buffer_key(self.eigvecs),
+            buffer_key(self.eigvals),
         )
         cached = self._mask_cache.get(key)
         if cached is not None:
@@ -212,7 +186,7 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         return entry
 
     def _prepare_mask(self, mask: torch.Tensor, batch_size: int = 8, **tiling) -> LocalityMask:
-        """A mask `[D, D]` (bool or float) with its tiles (see [`~models.functional.locality_tiles`])."""
+        """A mask `[D, D]` (bool or float) with its tiles (see [`~models.pca_mask.locality_tiles`])."""
         if mask.dtype == torch.bool:
             nonzero = int(mask.sum())
             all_ones = nonzero == mask.numel()
@@ -238,37 +212,42 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             groups.setdefault(key, []).append(b)
         for (alpha_prod, beta_prod, label), members in groups.items():
             index = torch.tensor(members, device=x_t.device)
-            subset = None
-            if label is not None:
-                subset = torch.nonzero(self.labels == label, as_tuple=True)[0]
-            x0_hat[index] = self._denoise_group(x_flat[index], alpha_prod, beta_prod, subset)
+            x0_hat[index] = self._denoise_group(x_flat[index], alpha_prod, beta_prod, label)
         return x0_hat.reshape(x_t.shape)
 
-    def _denoise_group(self, x_t, alpha_prod, beta_prod, subset=None, chunk_size=None, mask=None):
+    def _denoise_group(self, x_t, alpha_prod, beta_prod, label=None, chunk_size=None, mask=None):
         # Notation: alpha_prod -> a, beta_prod -> 1 - a, temperature -> tau, mean -> mu, images -> y_i (flattened),
         # M the locality mask (column p: the inputs output pixel p sees).
         # Centring by mu changes no distance, (x - sqrt(a) y) = (x - sqrt(a) mu) - sqrt(a) (y - mu), and keeps the
         # float32 sums small.
         batch_size = x_t.shape[0]  # x_t [B, D]
         chunk_size = chunk_size or self.config.chunk_size
-        sqrt_a = math.sqrt(alpha_prod)
-        scale = 1.0 / (2.0 * max(beta_prod, MIN_BETA_PROD) * float(self.config.temperature))  # 1 / (2 (1 - a) tau)
-        mean = self.mean.to(x_t.device, torch.float32)
-        x_c = x_t - sqrt_a * mean  # x - sqrt(a) mu  [B, D]
 
         # 1. The mask of this noise level (cached).
         mask = self.locality_mask(alpha_prod, batch_size) if mask is None else mask
 
-        # 2. All-ones mask: d(i) = ||x - sqrt(a) y_i||^2 for every p, the optimal denoiser, one GEMM per chunk.
+        # 2. All-ones mask: d_p(i) = ||x - sqrt(a) y_i||^2 for every p: the optimal denoiser's posterior mean.
         if mask.all_ones:
-            softmax = OnlineSoftmax()
-            for _, y in image_chunks(self.images, chunk_size, indices=subset, device=x_t.device):
-                y_c = y - mean  # [n, D]
-                # logits = (2 sqrt(a) x.y - a ||y||^2) / (2 (1 - a) tau); ||x||^2 cancels
-                logits = (x_c @ y_c.T).mul_(2.0 * sqrt_a).sub_(alpha_prod * y_c.square().sum(1)).mul_(scale)  # [B, n]
-                softmax.update(_raise_small_logits(logits, softmax), lambda w, y_c=y_c: w @ y_c)
-            softmax = reduce_softmax_over_shards(self, softmax, (batch_size,), (x_t.shape[1],), x_t.device)
-            return mean + softmax.result()
+            a = torch.full((batch_size,), alpha_prod, dtype=torch.float64)
+            class_labels = None if label is None else torch.full((batch_size,), label, dtype=torch.int64)
+            return posterior_mean(
+                x_t,
+                a,
+                torch.full((batch_size,), beta_prod, dtype=torch.float64),
+                self.images,
+                self.image_stats(),
+                chunk_size,
+                float(self.config.temperature),
+                labels=self.labels,
+                class_labels=class_labels,
+                reduce_softmax=lambda state: self._reduce_softmax(state, (batch_size,), (x_t.shape[1],), x_t.device),
+            )
+
+        subset = None if label is None else torch.nonzero(self.labels == label, as_tuple=True)[0]
+        sqrt_a = math.sqrt(alpha_prod)
+        scale = 1.0 / (2.0 * max(beta_prod, MIN_BETA_PROD) * float(self.config.temperature))  # 1 / (2 (1 - a) tau)
+        mean = self.mean.to(x_t.device, torch.float32)
+        x_c = x_t - sqrt_a * mean  # x - sqrt(a) mu  [B, D]
 
         # 3. Dense formulation (no tiling reads less, or a soft mask): per piece of n images,
         #    z[b, i, q] = (2 sqrt(a) x[b, q] - a y_i[q]) y_i[q] / (2 (1 - a) tau)
@@ -285,8 +264,8 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
                 y_c = y - mean  # [n, D]
                 z = (x_c[:, None, :] * (2.0 * sqrt_a * scale) - y_c * (alpha_prod * scale)).mul_(y_c)  # [B, n, D]
                 logits = (z.reshape(-1, dim) @ weights).reshape(batch_size, len(y_c), dim).transpose(1, 2)  # [B, D, n]
-                softmax.update(_raise_small_logits(logits, softmax), lambda w, y_c=y_c: w.mul_(y_c.T).sum(-1))
-            softmax = reduce_softmax_over_shards(self, softmax, (batch_size, dim), (), x_t.device)
+                softmax.update(logits, lambda w, y_c=y_c: w.mul_(y_c.T).sum(-1))
+            softmax = self._reduce_softmax(softmax, (batch_size, dim), (), x_t.device)  # data-parallel shards
             return mean + softmax.result()
 
         # 4. Per tile T of output pixels (inputs K = the union of their supports, see `locality_tiles`):
@@ -320,9 +299,9 @@ class PCALocalityDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
                 if complement:
                     logits.add_(full[:, None, :])
                 values = y_c[:, p_idx].T  # y_i[p] - mu[p]  [P, n]
-                softmax.update(_raise_small_logits(logits, softmax), lambda w, values=values: w.mul_(values).sum(-1))
+                softmax.update(logits, lambda w, values=values: w.mul_(values).sum(-1))
         shapes = [((batch_size, len(p_idx)), ()) for p_idx, *_ in mask.tiles]
-        softmaxes = reduce_softmaxes_over_shards(self, softmaxes, shapes, x_t.device)  # data-parallel shards
+        softmaxes = self._reduce_softmaxes(softmaxes, shapes, x_t.device)  # data-parallel shards
         out = torch.empty_like(x_t)
         for (p_idx, *_), softmax in zip(mask.tiles, softmaxes):
             out[:, p_idx] = softmax.result()

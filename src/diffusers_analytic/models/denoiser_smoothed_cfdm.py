@@ -1,5 +1,5 @@
 """Smoothed closed-form diffusion model (SCFDM, Scarvelis, Borde & Solomon 2023, arXiv 2310.12395): the optimal
-denoiser averaged over Gaussian perturbations of x_t (DESIGN.md section 2)."""
+denoiser averaged over Gaussian perturbations of x_t (docs/math.md)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,13 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..distributed import reduce_softmax_over_shards
-from .functional import (
-    StoredImageStats,
-    posterior_mean,
-    posterior_mean_over_neighbors,
-)
-from .knn import NeighborIndex, check_neighbor_config
-from .modeling_analytic import AnalyticDenoiserMixin, check_finite_positive, check_positive_int
+from ..kernels.empirical import posterior_mean, posterior_mean_over_neighbors
+from ..kernels.knn import NeighborIndex, check_neighbor_config
+from .modeling_analytic import check_finite_positive, check_positive_int
+from .stored_images import StoredImagesMixin
 
 
-class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
+class SmoothedCFDMDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
     r"""
     Smoothed closed-form denoiser ([arXiv 2310.12395](https://arxiv.org/abs/2310.12395)): the optimal (empirical
     Bayes) posterior mean averaged over `num_noise` Gaussian-perturbed copies of x_t,
@@ -28,7 +24,7 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         x0_hat = (1 / M) sum_j E_emp[x_0 | x_t + sigma_s z_j],   z_j ~ N(0, I),  M = num_noise,  sigma_s = smoothing_std
 
     with E_emp the softmax-weighted mean of the training images of [`OptimalDenoiser`] (same exact streamed
-    computation, shared through `functional.posterior_mean`). Smoothing lets samples leave the training set
+    computation, shared through `kernels.empirical.posterior_mean`). Smoothing lets samples leave the training set
     (generalize) instead of memorizing. The z_j come from the call's generator: the same generator gives the same
     output (a list of generators gives each sample its own stream, independent of the batch it is in). At
     `smoothing_std=0` the output equals the optimal denoiser's exactly and no noise is drawn.
@@ -52,7 +48,7 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"`, `"v_prediction"` or `"sample"`.
     """
 
-    _data_parallel_buffers = ("images", "labels")  # per-image buffers, sharded by `shard_for_data_parallel`
+    supports_data_parallel = True
 
     @register_to_config
     def __init__(
@@ -87,7 +83,6 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         check_positive_int("chunk_size", chunk_size)
         check_neighbor_config(num_neighbors, num_images, faiss_index)
         self._register_image_storage(num_images, storage_dtype, has_labels)  # images [N, C, H, W], labels [N]
-        self._stats = StoredImageStats()
         self._neighbors = NeighborIndex()
 
     @classmethod
@@ -114,7 +109,7 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
                 config.temperature,
                 labels=self.labels,
                 class_labels=class_labels,
-                reduce_softmax=lambda state: reduce_softmax_over_shards(self, state),
+                reduce_softmax=self._reduce_softmax,  # a data-parallel shard combines all processes' states
             )
         sqrt_a = alpha_prod_t.sqrt().clamp(min=1e-30).to(x_flat.dtype)[:, None]
         neighbours = self._neighbors.search(
@@ -136,7 +131,7 @@ class SmoothedCFDMDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         # Notation: alpha_prod_t -> a, beta_prod_t -> 1 - a, num_noise -> M, smoothing_std -> sigma_s.
         config = self.config
         batch_size, num_noise = len(x_t), config.num_noise
-        stats = self._stats.get(self.images, config.chunk_size)
+        stats = self.image_stats()  # (mu, ||y_i - mu||^2), derived from the stored images
         x_flat = x_t.reshape(batch_size, -1)  # [B, D]
         if config.smoothing_std == 0:
             return self._optimal(x_flat, alpha_prod_t, beta_prod_t, stats, class_labels).reshape(x_t.shape)

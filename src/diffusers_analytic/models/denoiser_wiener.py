@@ -1,4 +1,4 @@
-"""Wiener denoiser: the exact posterior mean under a Gaussian fitted to the data (DESIGN.md section 2)."""
+"""Wiener denoiser: the exact posterior mean under a Gaussian fitted to the data (docs/math.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging
 
-from ..fitting import eigen_decomposition, fit_moments
+from ..kernels.moments import eigen_decomposition, fit_moments
 from .modeling_analytic import AnalyticDenoiserMixin
 
 logger = logging.get_logger(__name__)

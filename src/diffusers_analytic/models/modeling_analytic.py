@@ -20,14 +20,12 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.utils import logging
 
 from .. import __version__
-from . import schedule
-from .schedule import MIN_BETA_PROD, alphas_cumprod_from_schedule
+from ..kernels import schedule
+from ..kernels.schedule import MIN_BETA_PROD, alphas_cumprod_from_schedule
 
 logger = logging.get_logger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-# `from_dataset` keywords that describe the data source rather than the denoiser.
-DATA_SOURCE_KEYWORDS = ("image_column", "label_column", "resolution", "channels", "labels")
 
 
 @dataclass
@@ -219,49 +217,6 @@ class AnalyticDenoiserMixin:
         """The distinct class labels this denoiser can condition on; None when it stores no labels."""
         labels = getattr(self, "labels", None)
         return None if labels is None else torch.unique(labels.cpu())
-
-    # ------------------------------------------------------------------ stored images (data-holding denoisers)
-    def _register_image_storage(self, num_images: int, storage_dtype: str, has_labels: bool) -> None:
-        """
-        The `images` buffer `[N, C, H, W]` in the storage dtype (uint8 for 8-bit sources: exact, 4x smaller than
-        float32) and, with `has_labels`, an int64 `labels` buffer `[N]` (else `self.labels = None`). Their shapes and
-        dtypes follow from the config, so `config.json` + safetensors rebuild them.
-        """
-        from .functional import image_storage
-
-        self.register_buffer("images", image_storage(num_images, self.sample_shape, storage_dtype))  # y [N, C, H, W]
-        if has_labels:
-            self.register_buffer("labels", torch.zeros(int(num_images), dtype=torch.int64))  # [N]
-        else:
-            self.labels = None
-
-    @classmethod
-    def _read_images_for_storage(cls, images, batch_size: int, storage_dtype: str, config: dict):
-        """
-        Reads all images of a data source for a data-holding denoiser (data-source keywords are taken out of
-        `config`). Returns `(images, labels or None, config)` with `config` completed by `num_images`,
-        `storage_dtype`, `has_labels`, `in_channels` and `sample_size`.
-        """
-        from .functional import collect_images
-
-        data_kwargs = {key: config.pop(key) for key in DATA_SOURCE_KEYWORDS if key in config}
-        stored, labels, dtype_name = collect_images(images, storage_dtype, batch_size=batch_size, **data_kwargs)
-        config = {**config, "num_images": len(stored), "storage_dtype": dtype_name, "has_labels": labels is not None}
-        return stored, labels, cls._config_for_data(tuple(stored.shape[1:]), config)
-
-    def _copy_stored_images(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
-        self.images.copy_(images)
-        if labels is not None:
-            self.labels.copy_(labels)
-
-    @classmethod
-    def _from_stored_images(cls, images, batch_size: int, storage_dtype: str, config: dict, name: str):
-        """`from_dataset` of a denoiser that only stores its images: read them, build, copy them in, log."""
-        stored, labels, config = cls._read_images_for_storage(images, batch_size, storage_dtype, config)
-        denoiser = cls(**config)
-        denoiser._copy_stored_images(stored, labels)
-        logger.info(f"Stored {len(stored)} images ({config['storage_dtype']}) in {name}.")
-        return denoiser
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()

@@ -25,6 +25,7 @@ import math
 import torch
 
 from .modeling_analytic import check_positive_int
+from .stored_images import StoredImagesMixin
 
 # The authors' 20-step sizes per step i = 0 (lowest noise) .. 19 (highest), arXiv 2412.20292.
 _PAPER_PATCH_SIZES = {
@@ -148,12 +149,13 @@ def schedule_from_steps(log_snrs: list[float], patch_sizes: list[int], clip: flo
     return compact
 
 
-class PatchMachineMixin:
+class PatchMachineMixin(StoredImagesMixin):
     """
     What the LS and ELS machines share besides the closed form: the stored images (`images` `[N, C, H, W]`, optional
     `labels` `[N]`, named as in the other data-holding denoisers), the patch size k at each noise level, and a
     fixed-k entry point for calibration. A subclass implements `_denoise_patch(x_t, a, 1 - a, k, class_labels)` for
-    one k and may cap k in `effective_patch_size`. Use it first among the bases.
+    one k and may cap k in `effective_patch_size`. Use it first among the bases:
+    `class LocalScoreDenoiser(PatchMachineMixin, ModelMixin, ConfigMixin)`.
     """
 
     def _init_patch_machine(self) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from diffusers.utils import logging
 
-from .functional import buffer_key, image_chunks
+from .stored_images import buffer_key, image_chunks
 
 logger = logging.get_logger(__name__)
 

@@ -6,7 +6,8 @@ import torch
 from diffusers.utils import logging
 from tqdm.auto import tqdm
 
-from .data import ImageBatch, ImageSet, is_hf_dataset, iter_image_batches, to_model_space
+from ..data import DataShard, ImageBatch, ImageSet, is_hf_dataset, iter_image_batches, to_model_space
+from .reductions import Communicator
 
 logger = logging.get_logger(__name__)
 
@@ -21,7 +22,7 @@ class StreamingMoments:
         mean = K + s1 / n,    cov = (s2 - s1 s1^T / n) / (n - 1),    s1 = sum (y - K),  s2 = sum (y - K)(y - K)^T
 
     The three sums add across shards once they share one shift (`recentre`, `merge`), so a distributed fit
-    all-reduces `count`, `sum` and `outer` ([`~diffusers_analytic.distributed.all_reduce_moments`]).
+    all-reduces `count`, `sum` and `outer` ([`all_reduce_moments`]).
     """
 
     def __init__(self, dim: int, device: torch.device | str = "cpu"):
@@ -117,24 +118,18 @@ def fit_moments(
     batch_size: int = 256,
     show_progress: bool = True,
     desc: str = "Fitting moments",
-    on_batch=None,
     **data_kwargs,
 ) -> tuple[StreamingMoments, tuple[int, int, int]]:
     """
     Streams `data` (anything [`iter_image_batches`] accepts) into [`StreamingMoments`].
 
-    A [`~diffusers_analytic.distributed.DataShard`] (from `shard_data`, under `accelerate launch` / `torchrun`) is
+    A [`~diffusers_analytic.data.DataShard`] (from `shard_data`, under `accelerate launch` / `torchrun`) is
     this process's part of the data: it is streamed, then the sums of all processes are all-reduced, so every process
     returns the moments of the whole data set (equal to a single-process fit to float64 rounding).
-
-    Args:
-        on_batch (`callable`, *optional*): called with every [`ImageBatch`] too, for fits that keep the images.
 
     Returns:
         `(moments, (C, H, W))`.
     """
-    from .distributed import DataShard, all_reduce_moments
-
     shard = data if isinstance(data, DataShard) else None
     if shard is not None:
         data = shard.data
@@ -152,11 +147,41 @@ def fit_moments(
         elif tuple(batch.images.shape[1:]) != shape:
             raise ValueError(f"All images must have the same shape; got {shape} and {tuple(batch.images.shape[1:])}.")
         moments.update(to_model_space(batch.images, torch.float64))
-        if on_batch is not None:
-            on_batch(batch)
         progress.update(len(batch.images))
     progress.close()
     if shard is not None and shard.communicator is not None:
         moments = all_reduce_moments(moments, shard.communicator)
     logger.info(f"Accumulated moments of {moments.count} images of shape {shape}.")
     return moments, shape
+
+
+def all_reduce_moments(moments, communicator: Communicator):
+    r"""
+    Combines the [`StreamingMoments`] of every process, in place; afterwards each
+    process holds the moments of the whole data set.
+
+    The sums are taken about a shift K that must be common before they can be added. The first process that saw any
+    image lends its shift K_0 (with contiguous shards, its first batch is the data's first batch, so K_0 is the
+    single-process shift), the others re-centre exactly (`StreamingMoments.recentre`), then count, sum and outer
+    products are all-reduced (SUM) in float64.
+    """
+    world = communicator.world_size
+    device = moments.sum.device
+    # 1. the lowest rank that has images lends its shift
+    has_images = moments.count > 0
+    owner = communicator.all_reduce(torch.tensor([communicator.rank if has_images else world], device=device), "min")
+    owner = int(owner.item())
+    if owner == world:
+        raise ValueError("No process has any image to fit on.")
+    mine = moments.shift if communicator.rank == owner else torch.zeros_like(moments.sum)
+    shift = communicator.all_reduce(mine, "sum")  # adding zeros: exact
+    if has_images:
+        moments.recentre(shift)
+    else:
+        moments.shift = shift
+    # 2. n, s1 = sum (y - K), s2 = sum (y - K)(y - K)^T add across shards
+    count = communicator.all_reduce(torch.tensor([moments.count], dtype=torch.int64, device=device), "sum")
+    moments.count = int(count.item())
+    moments.sum = communicator.all_reduce(moments.sum, "sum")
+    moments.outer = communicator.all_reduce(moments.outer, "sum")
+    return moments

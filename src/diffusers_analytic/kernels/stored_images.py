@@ -1,0 +1,193 @@
+"""Stored training images: their storage dtypes, the affine decode to model space, streaming in chunks and pieces,
+and the statistics derived from them (never saved: recomputed when the buffer changes).
+
+A stored value r (uint8 0..255, or a float already in model space) maps to the model-space value y = s r + o with
+`(s, o) = storage_affine(dtype)`: `(1/127.5, -1)` for uint8, `(1, 0)` for floats. uint8 storage is exact for 8-bit
+data and 4x smaller than float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from ..data import iter_image_batches, to_model_space
+
+STORAGE_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
+# A piece of images as float32 is about this many bytes: a CPU core's L2 cache (pieces are read twice while in
+# cache); an accelerator takes large pieces, where small GEMMs would only add kernel launches.
+PIECE_BYTES = {"cpu": 1 << 21, "other": 1 << 26}
+
+
+def collect_images(
+    data,
+    storage_dtype: str = "auto",
+    batch_size: int = 1024,
+    **data_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """
+    Reads all images of `data` (anything `iter_image_batches` accepts) into one tensor for storage.
+
+    Args:
+        storage_dtype (`str`): `"auto"` keeps 8-bit sources as uint8 `[0, 255]` (exact, 4x smaller than float32) and
+            stores float sources as float32; `"uint8"` requires an 8-bit source; `"float16"` / `"float32"` store
+            model-space values (float16 rounds to about 1e-3 relative).
+
+    Returns:
+        `(images [N, C, H, W], labels [N] int64 or None, storage dtype name)`.
+    """
+    if storage_dtype not in ("auto", *STORAGE_DTYPES):
+        raise ValueError(f"`storage_dtype` must be 'auto' or one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}.")
+    batches = list(iter_image_batches(data, batch_size=batch_size, **data_kwargs))
+    shapes = {tuple(b.images.shape[1:]) for b in batches}
+    if len(shapes) > 1:
+        raise ValueError(f"All images must have the same shape; got {sorted(shapes)}.")
+    all_uint8 = all(b.images.dtype == torch.uint8 for b in batches)
+    if storage_dtype == "auto":
+        storage_dtype = "uint8" if all_uint8 else "float32"
+    if storage_dtype == "uint8" and not all_uint8:
+        raise ValueError("`storage_dtype='uint8'` needs an 8-bit source (uint8 images); this data is floating point.")
+    if storage_dtype == "uint8":
+        images = torch.cat([b.images for b in batches])
+    else:
+        images = torch.cat([to_model_space(b.images, STORAGE_DTYPES[storage_dtype]) for b in batches])
+    has_labels = [b.labels is not None for b in batches]
+    if any(has_labels) and not all(has_labels):
+        raise ValueError("Some batches have labels and others do not.")
+    labels = torch.cat([b.labels for b in batches]).long() if all(has_labels) else None
+    return images, labels, storage_dtype
+
+
+def image_chunks(
+    images: torch.Tensor, chunk_size: int, indices: torch.Tensor | None = None, device=None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """
+    Yields `(offset, chunk)` with `chunk` float32 `[n, D]` in model space, converted from the stored dtype one chunk at
+    a time (never all images at once). `indices` selects a subset (e.g. one class); offsets index into it.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
+    total = len(images) if indices is None else len(indices)
+    for start in range(0, total, chunk_size):
+        stop = min(start + chunk_size, total)
+        chunk = images[start:stop] if indices is None else images[indices[start:stop]]
+        if device is not None:
+            chunk = chunk.to(device)
+        yield start, to_model_space(chunk.reshape(stop - start, -1), torch.float32)
+
+
+def image_storage(num_images: int, shape: tuple[int, int, int], storage_dtype: str) -> torch.Tensor:
+    """An empty image buffer `[num_images, C, H, W]` of the storage dtype (`"uint8"`, `"float16"` or `"float32"`)."""
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"`storage_dtype` must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}.")
+    if int(num_images) < 1:
+        raise ValueError(f"`num_images` must be a positive integer, got {num_images}.")
+    return torch.zeros(int(num_images), *shape, dtype=STORAGE_DTYPES[storage_dtype])
+
+
+def storage_affine(dtype: torch.dtype) -> tuple[float, float]:
+    """`(s, o)` with model-space value y = s r + o for a stored value r: `(1/127.5, -1)` for uint8, `(1, 0)` else."""
+    return (1.0 / 127.5, -1.0) if dtype == torch.uint8 else (1.0, 0.0)
+
+
+def buffer_key(images: torch.Tensor) -> tuple:
+    """Identifies a buffer's storage and content version: derived statistics are recomputed when it changes."""
+    try:
+        version = images._version
+    except RuntimeError:  # an inference-mode tensor has no version counter (and cannot be written in place)
+        version = None
+    return (images.data_ptr(), images.device, images.dtype, tuple(images.shape), version)
+
+
+class StoredImageStats:
+    """
+    Statistics of a stored image buffer that are derived, not saved: the data mean mu `[D]` and the centred squared
+    norms ||y_i - mu||^2 `[N]`, both accumulated in float64 and kept as float32 on the images' device.
+
+    Recomputed lazily whenever the buffer changes (a new tensor after `from_pretrained` / `.to(device)`, or an
+    in-place write), so they never go stale and never enter the safetensors file.
+    """
+
+    def __init__(self):
+        self._key = None
+        self.mean: torch.Tensor | None = None  # mu             [D]
+        self.sq_norms: torch.Tensor | None = None  # ||y'_i||^2  [N]
+        self.pinned_mean: torch.Tensor | None = None  # float64 mu of the full data set (data-parallel shards)
+        self._mean64: torch.Tensor | None = None
+
+    def pin_mean(self, images: torch.Tensor, chunk_size: int) -> None:
+        """Keeps the mean of `images` (all of them) for later calls on a shard of them (a data-parallel shard)."""
+        self.get(images, chunk_size)
+        self.pinned_mean, self._key = self._mean64.cpu(), None
+
+    def get(self, images: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mean [D], sq_norms [N])` of `images` `[N, C, H, W]`, computed at first use after a change."""
+        key = buffer_key(images)
+        chunk_size = min(chunk_size, 512)  # (float64 copies of a chunk: keep them small)
+        if key != self._key:
+            if self.pinned_mean is not None:
+                mean64 = self.pinned_mean.to(images.device)
+            else:
+                total = torch.zeros(images[0].numel(), dtype=torch.float64, device=images.device)
+                for _, chunk in image_chunks(images, chunk_size):
+                    total += chunk.sum(dim=0, dtype=torch.float64)
+                mean64 = total / len(images)  # [D]
+            sq_norms = torch.empty(len(images), dtype=torch.float32, device=images.device)
+            for start, chunk in image_chunks(images, chunk_size):
+                sq_norms[start : start + len(chunk)] = (chunk.double() - mean64).square().sum(dim=1).float()
+            self.mean, self.sq_norms, self._key, self._mean64 = mean64.float(), sq_norms, key, mean64
+        return self.mean, self.sq_norms
+
+
+def piece_size(device: torch.device, chunk_size: int, images: torch.Tensor) -> int:
+    """Images per piece: about `PIECE_BYTES` of float32 values, at most `chunk_size` and N."""
+    budget = PIECE_BYTES["cpu" if device.type == "cpu" else "other"]
+    return max(1, min(chunk_size, len(images), budget // (4 * images[0].numel())))
+
+
+class PieceReader:
+    """Stored values r of the images as float32, by pieces of `piece_size` (converted into one reused buffer)."""
+
+    def __init__(self, images: torch.Tensor, piece_size: int):
+        self.flat = images.reshape(len(images), -1)
+        self.piece_size = piece_size
+        self.buffer = None
+        if self.flat.dtype != torch.float32:
+            self.buffer = torch.empty(piece_size, self.flat.shape[1], device=images.device)
+
+    def pieces(self, start: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """`(offset from start, r [p, D])` for images start..stop; a piece is overwritten by the next."""
+        for piece_start in range(start, stop, self.piece_size):
+            piece = self.flat[piece_start : min(piece_start + self.piece_size, stop)]
+            if self.buffer is not None:
+                piece = self.buffer[: len(piece)].copy_(piece)
+            yield piece_start - start, piece
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """r of the images at `indices`, float32 `[k, D]` (a new tensor)."""
+        return self.flat[indices].to(torch.float32)
+
+
+class StoredImageMean:
+    """
+    The mean of a stored image buffer `[N, C, H, W]` (float64 sum, kept float32), per pixel `[C, H, W]` or per
+    channel `[C]`; recomputed lazily when the buffer changes (load, `.to()`, in-place write), never saved.
+    """
+
+    def __init__(self, per_channel: bool):
+        self.per_channel = per_channel
+        self._key = None
+        self._mean: torch.Tensor | None = None
+
+    def get(self, images: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+        key = buffer_key(images)
+        if key != self._key:
+            total = torch.zeros(images.shape[1:], dtype=torch.float64, device=images.device)
+            for start in range(0, len(images), chunk_size):
+                total += to_model_space(images[start : start + chunk_size], torch.float64).sum(dim=0)
+            mean = total / len(images)  # [C, H, W]
+            if self.per_channel:
+                mean = mean.mean(dim=(1, 2))  # [C]
+            self._mean, self._key = mean.float(), key
+        return self._mean
