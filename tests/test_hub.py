@@ -1,5 +1,5 @@
-"""hub.py: the hub_configs schema, the model card, the package version in saved folders, loading by repo id from a
-Hub cache (offline)."""
+"""diffusers_analytic.hub: the hub_configs schema, the model card; with diffusers_analytic.saving: the package version
+in saved folders, loading by repo id from a Hub cache (offline)."""
 
 import copy
 import json
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import diffusers_analytic
-from diffusers_analytic import AnalyticDDIMPipeline, WienerDenoiser, hub
+from diffusers_analytic import AnalyticDDIMPipeline, WienerDenoiser, hub, saving
 from diffusers_analytic.registry import DENOISERS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,12 +133,20 @@ def test_schema_rejects_bad_configs(edit, message):
     assert str(error.value).startswith("bad.yaml: ")
 
 
-def test_unregistered_method_is_known_to_the_schema_but_fails_to_build(monkeypatch, tmp_path):
-    monkeypatch.setattr("diffusers_analytic.registry.DENOISERS", {})
-    config = small_config("optimal-digits.yaml")  # the schema accepts it from METHOD_PARAMS
+def test_method_params_come_from_the_registered_class():
+    # The class's config keywords, less the image size and the noise schedule (set from `data` and `scheduler`).
+    assert hub.method_params("wiener") == ["rank"]
+    assert {"temperature", "num_noise", "smoothing_std"} <= set(hub.method_params("scfdm"))
+    for method in hub.HUB_METHODS:
+        assert not {"sample_size", "in_channels", "beta_schedule", "prediction_type"} & set(hub.method_params(method))
+
+
+def test_unregistered_method_is_a_clear_error(monkeypatch):
+    monkeypatch.delitem(DENOISERS, "optimal")  # a hub method whose class this installation does not register
+    with pytest.raises(ValueError, match=r"^bad.yaml: .*'optimal' is not available in this installation"):
+        hub.validate_hub_config(raw_config("optimal-digits.yaml"), where="bad.yaml")
     with pytest.raises(ValueError, match=r"'optimal' is not available in this installation of diffusers-analytic"):
-        hub.build(config, str(tmp_path / "out"), show_progress=False)
-    assert os.listdir(tmp_path) == []
+        hub.denoiser_class_for("optimal")
 
 
 def test_load_hub_config_reports_bad_yaml(tmp_path):
@@ -182,12 +190,12 @@ def test_model_card_of_a_hub_data_set_lists_it():
 def test_saved_folder_records_the_version_without_a_config_warning(built_digits):
     index = json.loads((built_digits / "model_index.json").read_text())
     config = json.loads((built_digits / "unet" / "config.json").read_text())
-    assert index[hub.VERSION_KEY] == config[hub.VERSION_KEY] == diffusers_analytic.__version__
+    assert index[saving.VERSION_KEY] == config[saving.VERSION_KEY] == diffusers_analytic.__version__
     # diffusers warns about (and ignores) unexpected non-private keys only: nothing is left over here.
     init, unused, _ = WienerDenoiser.extract_init_dict(config)
-    assert unused == {} and hub.VERSION_KEY not in init
+    assert unused == {} and saving.VERSION_KEY not in init
     pipe = AnalyticDDIMPipeline.from_pretrained(built_digits)
-    assert pipe.unet.config[hub.VERSION_KEY] == diffusers_analytic.__version__
+    assert pipe.unet.config[saving.VERSION_KEY] == diffusers_analytic.__version__
 
 
 def _copy_with_index(folder, tmp_path, **changes):
@@ -200,14 +208,14 @@ def _copy_with_index(folder, tmp_path, **changes):
 
 
 def test_folder_of_an_older_version_loads(built_digits, tmp_path):
-    folder = _copy_with_index(built_digits, tmp_path, **{hub.VERSION_KEY: "0.0.1"})
-    assert hub.check_saved_version(folder) == "0.0.1"
+    folder = _copy_with_index(built_digits, tmp_path, **{saving.VERSION_KEY: "0.0.1"})
+    assert saving.check_saved_version(folder) == "0.0.1"
     pipe = AnalyticDDIMPipeline.from_pretrained(folder)
     assert pipe(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 1)
 
 
 def test_folder_of_a_newer_version_fails_naming_both(built_digits, tmp_path):
-    folder = _copy_with_index(built_digits, tmp_path, **{hub.VERSION_KEY: "99.0.0"})
+    folder = _copy_with_index(built_digits, tmp_path, **{saving.VERSION_KEY: "99.0.0"})
     with pytest.raises(ValueError) as error:
         AnalyticDDIMPipeline.from_pretrained(folder)
     assert "99.0.0" in str(error.value) and f"installed {diffusers_analytic.__version__}" in str(error.value)
@@ -217,7 +225,7 @@ def test_folder_naming_a_missing_module_fails_naming_both_versions(built_digits,
     folder = _copy_with_index(
         built_digits,
         tmp_path,
-        **{hub.VERSION_KEY: "0.0.1", "unet": ["diffusers_analytic.models.denoiser_gone", "GoneDenoiser"]},
+        **{saving.VERSION_KEY: "0.0.1", "unet": ["diffusers_analytic.models.denoiser_gone", "GoneDenoiser"]},
     )
     with pytest.raises(ValueError) as error:
         AnalyticDDIMPipeline.from_pretrained(folder)
@@ -232,9 +240,9 @@ def test_folder_naming_a_missing_module_fails_naming_both_versions(built_digits,
 def test_folder_without_a_version_loads(built_digits, tmp_path):
     folder = _copy_with_index(built_digits, tmp_path)
     index = json.loads((folder / "model_index.json").read_text())
-    del index[hub.VERSION_KEY]
+    del index[saving.VERSION_KEY]
     (folder / "model_index.json").write_text(json.dumps(index))
-    assert hub.check_saved_version(folder) is None
+    assert saving.check_saved_version(folder) is None
     AnalyticDDIMPipeline.from_pretrained(folder)
 
 
@@ -272,7 +280,7 @@ def test_from_pretrained_by_repo_id_from_the_cache(built_digits, built_faces, tm
 
 
 def test_repo_id_version_check_reads_the_cache(built_digits, tmp_path):
-    newer = _copy_with_index(built_digits, tmp_path, **{hub.VERSION_KEY: "99.1.0"})
+    newer = _copy_with_index(built_digits, tmp_path, **{saving.VERSION_KEY: "99.1.0"})
     cache = make_hub_cache(tmp_path / "cache", "someone/newer", {"main": (COMMIT_MAIN, newer)})
     with pytest.raises(ValueError, match=r"saved by diffusers-analytic 99\.1\.0, newer than the installed"):
         AnalyticDDIMPipeline.from_pretrained("someone/newer", cache_dir=cache, local_files_only=True)

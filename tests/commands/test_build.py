@@ -13,6 +13,8 @@ from PIL import Image
 from diffusers_analytic import AnalyticDDIMPipeline, hub
 from diffusers_analytic.commands.cli import main
 from diffusers_analytic.data import BUILTIN_DATASETS
+from diffusers_analytic.hub import builder as hub_builder
+from diffusers_analytic.hub import push as hub_push
 from diffusers_analytic.registry import DENOISERS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,8 +37,8 @@ def small(path: str) -> hub.HubConfig:
     config = hub.load_hub_config(path)
     config.sample = dict(SMALL_SAMPLE)
     if config.data["source"] == "patches":
-        # 300 crops of 16x16 instead of 2000 of 32x32: the same code path, without a 3072 x 3072 float64 eigh
-        # (tens of seconds on a busy 2-core machine) in a test.
+        # 300 crops of 16x16 instead of 2000 of 32x32: the same code path, without a 3072 x 3072 float64 eigh in a
+        # test.
         config.data["options"] = {**config.data["options"], "num_images": 300}
         config.data["resolution"] = 16
     return config
@@ -88,9 +90,9 @@ def test_build_cli_writes_the_folder(tmp_path):
 
 def test_build_cli_push_to_hub_uploads_the_built_folder(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(hub, "create_repo", lambda repo_id, **kw: calls.append(("create_repo", repo_id, kw)))
-    monkeypatch.setattr(hub, "create_branch", lambda repo_id, **kw: calls.append(("create_branch", repo_id, kw)))
-    monkeypatch.setattr(hub, "upload_folder", lambda **kw: calls.append(("upload_folder", kw["repo_id"], kw)))
+    monkeypatch.setattr(hub_push, "create_repo", lambda repo_id, **kw: calls.append(("create_repo", repo_id, kw)))
+    monkeypatch.setattr(hub_push, "create_branch", lambda repo_id, **kw: calls.append(("create_branch", repo_id, kw)))
+    monkeypatch.setattr(hub_push, "upload_folder", lambda **kw: calls.append(("upload_folder", kw["repo_id"], kw)))
     config = yaml.safe_load(open(os.path.join(HUB_CONFIGS, "wiener-digits.yaml")))
     config["sample"] = SMALL_SAMPLE
     path = tmp_path / "wiener-digits.yaml"
@@ -218,7 +220,7 @@ def test_failed_build_leaves_nothing_half_written(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hub, "render_model_card", lambda *a: "---\nlicense: x\n---\n")
+    monkeypatch.setattr(hub_builder, "render_model_card", lambda *a: "---\nlicense: x\n---\n")
     monkeypatch.setattr(Image.Image, "save", broken)  # the grid is written after save_pretrained, in the temp folder
     with pytest.raises(OSError, match="disk full"):
         hub.build(config, str(out), overwrite=True, show_progress=False)

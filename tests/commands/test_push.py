@@ -7,6 +7,7 @@ import pytest
 
 from diffusers_analytic import __version__, hub
 from diffusers_analytic.commands.cli import main
+from diffusers_analytic.hub import push as hub_push
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,7 +23,7 @@ def built(tmp_path_factory):
 
 @pytest.fixture
 def hub_calls(monkeypatch):
-    """Records the huggingface_hub calls hub.py makes, in order; the upload sees the folder as it is at that time."""
+    """Records the huggingface_hub calls `hub.push_folder` makes, in order; the upload sees the folder as it is at that time."""
     calls = []
 
     def create_repo(repo_id, **kwargs):
@@ -41,9 +42,9 @@ def hub_calls(monkeypatch):
         calls.append(("upload_folder", {**kwargs, "files": files}))
         return "commit-info"
 
-    monkeypatch.setattr(hub, "create_repo", create_repo)
-    monkeypatch.setattr(hub, "create_branch", create_branch)
-    monkeypatch.setattr(hub, "upload_folder", upload_folder)
+    monkeypatch.setattr(hub_push, "create_repo", create_repo)
+    monkeypatch.setattr(hub_push, "create_branch", create_branch)
+    monkeypatch.setattr(hub_push, "upload_folder", upload_folder)
     return calls
 
 

@@ -7,6 +7,8 @@ import os
 
 from diffusers.utils import logging
 
+from .. import hub
+
 logger = logging.get_logger(__name__)
 
 
@@ -32,17 +34,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> None:
-    from ..hub import build, check_repo_id, load_hub_config, push_folder
-
-    config = load_hub_config(args.config)
+    config = hub.load_hub_config(args.config)
     if args.repo_id is not None:
-        config.repo_id = check_repo_id(args.repo_id)
+        config.repo_id = hub.check_repo_id(args.repo_id)
     output_dir = args.output_dir or os.path.join("outputs", config.repo_id.split("/")[-1])
-    build(config, output_dir, overwrite=args.overwrite, show_progress=not args.no_progress)
+    hub.build(config, output_dir, overwrite=args.overwrite, show_progress=not args.no_progress)
     logger.info(f"Wrote {output_dir}")
     if args.push_to_hub:
         commit_message = args.commit_message or f"Build {config.repo_id} from {os.path.basename(args.config)}"
-        push_folder(
+        hub.push_folder(
             output_dir,
             config.repo_id,
             private=args.private,

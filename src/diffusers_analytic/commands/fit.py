@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
+import torch
 from diffusers.utils import logging
 
 from ..data import BUILTIN_DATASETS, load_image_dataset
+from ..distributed import shard_data
+from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
 from ..registry import DENOISERS, get_denoiser_class
+from ..saving import save_atomically
 
 logger = logging.get_logger(__name__)
 
@@ -88,38 +90,8 @@ def load_data(args):
     return load_image_dataset(args.data, split=args.split)
 
 
-def save_atomically(pipeline, output_dir: str, overwrite: bool = False, write_extra=None) -> None:
-    """
-    `save_pretrained` into a temporary folder beside `output_dir`, then rename: never a half-written folder.
-    `write_extra(folder)`, if given, adds files (a model card) to the temporary folder before the rename.
-    """
-    output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and not overwrite:
-        raise ValueError(f"{output_dir} exists; pass --overwrite to replace it.")
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
-        pipeline.save_pretrained(staging)
-        if write_extra is not None:
-            write_extra(staging)
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def run(args) -> None:
-    import torch
-    from accelerate import PartialState
-
-    from ..distributed import shard_data
-    from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
+    from accelerate import PartialState  # heavy, and only `fit` needs it
 
     denoiser_class = get_denoiser_class(args.method)
     config = parse_overrides(args.config)

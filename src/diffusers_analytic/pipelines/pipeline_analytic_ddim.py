@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +14,8 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import __version__
-from ..models.schedule import SCHEDULE_KEYS
+from ..kernels.schedule import SCHEDULE_KEYS
+from ..saving import check_saved_version
 from ..schedulers import SchedulerAdapter, scheduler_parametrisation
 
 logger = logging.get_logger(__name__)
@@ -134,10 +132,8 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
 
         The generic `DiffusionPipeline.from_pretrained` cannot resolve this class; use this one.
         """
-        from ..hub import check_saved_version
-
-        check_saved_version(pretrained_model_name_or_path, kwargs)  # the diffusers-analytic version that saved it
-        _import_component_modules(pretrained_model_name_or_path, kwargs)
+        # Refuses folders of a newer diffusers-analytic and imports our component modules that model_index.json names.
+        check_saved_version(pretrained_model_name_or_path, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def _prepare_extra_step_kwargs(self, generator, eta):
@@ -275,29 +271,3 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
         if output_type == "np":
             return images
         return self.numpy_to_pil(images)
-
-
-def _import_component_modules(pretrained_model_name_or_path, kwargs) -> None:
-    """
-    diffusers resolves a component saved under a module path only if that module is imported. Import the modules of
-    this package named in a local folder's `model_index.json` (other modules are left to the caller).
-    """
-    index_path = os.path.join(str(pretrained_model_name_or_path), "model_index.json")
-    if not os.path.isfile(index_path):
-        return
-    with open(index_path) as f:
-        index = json.load(f)
-    for value in index.values():
-        if (
-            isinstance(value, list)
-            and value
-            and isinstance(value[0], str)
-            and value[0].startswith("diffusers_analytic.")
-        ):
-            try:
-                importlib.import_module(value[0])
-            except ImportError as error:
-                raise ValueError(
-                    f"{index_path} names the module {value[0]!r}, which this version of diffusers-analytic does not "
-                    "have; the folder was probably saved by another version."
-                ) from error
