@@ -1,5 +1,6 @@
-"""Calibration of the patch-size schedule: an ELS machine calibrated against another ELS machine with a known schedule
-(playing the trained model) gets that schedule back, through the function and through the CLI."""
+"""`diffusers-analytic calibrate`: an ELS machine calibrated against another ELS machine with a known schedule (playing
+the trained model) gets that schedule back in a new pipeline folder. The calibration itself is tested in
+tests/evaluation/test_calibration.py."""
 
 import json
 import os
@@ -8,10 +9,9 @@ import sys
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 import diffusers_analytic as da
-from diffusers_analytic.commands.calibrate import calibrate_patch_sizes, parse_candidates
+from diffusers_analytic.commands.calibrate import parse_candidates
 from diffusers_analytic.commands.cli import main
 
 KNOWN = [[1.5, 1], [-2.0, 3], [-5.0, 5]]  # k = 1 at low noise, 3 in the middle, 5 at high noise (8x8 digits)
@@ -23,24 +23,6 @@ def machines(digits):
     trained = da.EquivariantLocalScoreDenoiser.from_dataset(images, patch_size_schedule=KNOWN)
     machine = da.EquivariantLocalScoreDenoiser.from_dataset(images, patch_size_schedule=7)
     return trained, machine
-
-
-def test_recovers_a_known_schedule(machines):
-    trained, machine = machines
-    calibration = calibrate_patch_sizes(
-        machine, trained, DDIMScheduler(), [1, 3, 5, 7], num_samples=3, num_inference_steps=8, show_progress=False
-    )
-    timesteps = calibration.timesteps
-    expected = [trained.patch_size_at(t)[0] for t in timesteps]
-    assert calibration.patch_sizes == expected and len(set(expected)) == 3
-    for step, k in enumerate(expected):  # the true size predicts the trained model (to rounding), the others not
-        assert calibration.median_r2[k][step] > 1 - 1e-6
-        assert all(calibration.median_r2[j][step] < calibration.median_r2[k][step] for j in (1, 3, 5, 7) if j != k)
-    machine.set_patch_size_schedule(calibration.schedule)
-    try:
-        assert [machine.patch_size_at(t)[0] for t in timesteps] == expected
-    finally:
-        machine.set_patch_size_schedule(7)
 
 
 def test_cli_writes_the_schedule_into_a_new_pipeline(machines, tmp_path, capsys):
@@ -81,11 +63,11 @@ def test_cli_writes_the_schedule_into_a_new_pipeline(machines, tmp_path, capsys)
     assert (out / "calibration.json").read_text() == before
 
 
-def test_bad_arguments_are_clear_errors(machines):
+def test_bad_candidates_are_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="odd positive"):
         parse_candidates("3,4")
-    wiener = da.WienerDenoiser(sample_size=8, in_channels=1)
-    with pytest.raises(ValueError, match="LS or ELS"):
-        calibrate_patch_sizes(wiener, machines[0], DDIMScheduler(), [3], show_progress=False)
-    with pytest.raises(ValueError, match="noise schedule"):
-        calibrate_patch_sizes(machines[1], machines[0], DDIMScheduler(beta_end=0.03), [3], show_progress=False)
+    assert parse_candidates(" 5,3,5 ") == [3, 5]
+    code = main(["calibrate", "m", "t", "--output-dir", str(tmp_path / "o"), "--candidates", "0"])
+    assert code == 2 and "odd positive" in capsys.readouterr().err
+    assert main(["calibrate", "m", "t", "--output-dir", str(tmp_path / "o"), "--num-samples", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err

@@ -13,12 +13,15 @@ network's x0_hat: R^2 = 1 - SS_res / (Var(trained) * D) per sample, averaged, an
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import torch
-from diffusers.utils import logging
+from diffusers.utils import logging, make_image_grid
+from PIL import Image
+
+from ..evaluation import Comparison, compare_with_trained, load_trained, write_json
+from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
 
 logger = logging.get_logger(__name__)
 
@@ -49,35 +52,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
 
 
-def load_trained(source: str):
-    """
-    `(unet, scheduler)` of a trained diffusers pipeline folder or Hub repo id. A local analytic pipeline folder works
-    too (its denoiser plays the trained network), which compares two analytic methods.
-    """
-    from diffusers import DiffusionPipeline
-
-    from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
-
-    index_path = os.path.join(source, "model_index.json")
-    pipeline_class = DiffusionPipeline
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            if json.load(f).get("_class_name") == AnalyticDDIMPipeline.__name__:
-                pipeline_class = AnalyticDDIMPipeline
-    pipeline = pipeline_class.from_pretrained(source)
-    unet, scheduler = getattr(pipeline, "unet", None), getattr(pipeline, "scheduler", None)
-    if unet is None or scheduler is None:
-        raise ValueError(
-            f"{source} loads as a {type(pipeline).__name__} without a `unet` and a `scheduler`; compare needs a "
-            "pipeline that has both (e.g. a DDPMPipeline or DDIMPipeline)."
-        )
-    return unet, scheduler
-
-
 def run(args) -> None:
-    from ..evaluation import compare_with_trained
-    from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
-
     if min(args.num_inference_steps, args.num_samples, args.batch_size, args.grid_samples, args.grid_steps) < 1:
         raise ValueError(
             "--num-inference-steps, --num-samples, --batch-size, --grid-samples and --grid-steps must be positive."
@@ -116,13 +91,6 @@ def run(args) -> None:
     logger.info(f"Own-trajectory R^2 per step: {[round(v, 3) for v in own['r2_mean']]}")
 
 
-def write_json(data: dict, path: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(temporary, path)
-
-
 def plot_per_step(metrics: dict, path: str) -> None:
     """Per-step R^2 (left) and MSE (right, log scale) of both comparisons against the timestep, saved as a PNG."""
     try:
@@ -154,8 +122,6 @@ def plot_per_step(metrics: dict, path: str) -> None:
 
 def _to_pil(images: torch.Tensor, upscale: int):
     """Model-space `[n, C, H, W]` -> PIL images, clamped to [-1, 1] and enlarged by `upscale` (nearest)."""
-    from PIL import Image
-
     array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     out = []
     for image in array:
@@ -164,9 +130,8 @@ def _to_pil(images: torch.Tensor, upscale: int):
     return out
 
 
-def write_grids(comparison, output_dir: str, grid_samples: int, grid_steps: int) -> None:
-    from diffusers.utils import make_image_grid
-
+def write_grids(comparison: Comparison, output_dir: str, grid_samples: int, grid_steps: int) -> None:
+    """The three comparison grids of the module docstring, each written to a temporary file and renamed."""
     trained, analytic = comparison.trained, comparison.analytic
     num_steps, num_samples = trained.x0.shape[:2]
     samples = min(grid_samples, num_samples)

@@ -1,0 +1,57 @@
+"""Loading the trained pipeline to compare with, and writing JSON reports (diffusers_analytic.evaluation.files)."""
+
+import json
+import os
+import types
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from diffusers_analytic import AnalyticDDIMPipeline, WienerDenoiser
+from diffusers_analytic.evaluation import files, load_trained, write_json
+
+
+def test_load_trained_reads_a_diffusers_and_an_analytic_folder(wiener, tmp_path):
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "trained")
+    loaded, scheduler = load_trained(str(tmp_path / "trained"))
+    assert isinstance(loaded, UNet2DModel) and isinstance(scheduler, DDPMScheduler)
+    torch.testing.assert_close(loaded.conv_in.weight, unet.conv_in.weight)
+
+    AnalyticDDIMPipeline(unet=wiener).save_pretrained(tmp_path / "wiener")
+    loaded, scheduler = load_trained(tmp_path / "wiener")
+    assert isinstance(loaded, WienerDenoiser) and isinstance(scheduler, DDIMScheduler)
+    assert torch.equal(loaded.mean, wiener.mean)
+
+
+def test_load_trained_needs_a_unet_and_a_scheduler(monkeypatch, tmp_path):
+    class NoUnet:
+        @staticmethod
+        def from_pretrained(source, **kwargs):
+            return types.SimpleNamespace(scheduler=DDPMScheduler())
+
+    monkeypatch.setattr(files, "DiffusionPipeline", NoUnet)
+    with pytest.raises(ValueError, match="without a `unet` and a `scheduler`"):
+        load_trained(str(tmp_path / "anything"))
+
+
+def test_write_json_replaces_the_file_whole(tmp_path):
+    path = str(tmp_path / "metrics.json")
+    write_json({"r2": [1.0, 0.5]}, path)
+    write_json({"r2": [0.25]}, path)
+    assert json.loads(open(path).read()) == {"r2": [0.25]}
+    with pytest.raises(TypeError):
+        write_json({"r2": object()}, path)  # not JSON: the old file stays, no temporary file is left
+    assert json.loads(open(path).read()) == {"r2": [0.25]}
+    assert os.listdir(tmp_path) == ["metrics.json"]
