@@ -49,9 +49,9 @@ import diffusers
 import torch
 from diffusers.utils import logging
 
-from .models import schedule
+from .kernels import schedule
+from .kernels.schedule import SCHEDULE_KEYS
 from .models.modeling_analytic import PREDICTION_TYPES
-from .models.schedule import SCHEDULE_KEYS
 
 logger = logging.get_logger(__name__)
 
