@@ -7,7 +7,7 @@ the peak RSS during one call, the second of its setting (the first leaves the BL
 (Linux `/proc/self/clear_refs` + `VmHWM`), measured in a child process that runs with
 `MALLOC_MMAP_THRESHOLD_=65536` so that freed buffers go back to the OS and RSS tracks live memory; it is compared
 with the bound one piece of images (2 MB) + O(B chunk + B D) per stream ("bound MB"; the stored images are not
-counted; a small batch streams the images in one range per thread, see `functional.SPLIT_MAX_BATCH`).
+counted; a small batch reads one piece per block of images, see `kernels.empirical_cpu`).
 
 The top-k rows (`num_neighbors=k`, FAISS flat index) report the relative error against the exact result, which is
 what top-k costs in accuracy at high noise, where the posterior is broad.
@@ -16,7 +16,8 @@ what top-k costs in accuracy at high noise, where the posterior is broad.
 (`reference_posterior_mean`: a FAISS flat search with k = N, a gather of the N neighbours of every query, a softmax
 over them; batch 8 and N <= 10000 only, its neighbour tensor is B N D floats), so the ratio does not depend on which
 machine ran the table; "ref err" is that result's relative difference from ours (both are exact: float32 rounding).
-DESIGN.md's 0.44 s for the reference was measured on another machine of this kind; "vs 0.44 s" divides by it.
+The reference's 0.44 s (N = 10000, D = 3072, B = 8) was measured on another machine of this kind; "vs 0.44 s"
+divides by it.
 
     python benchmarks/bench_optimal.py                       # N = 2000, 10000, 50000; B = 8, 64; uint8 storage
     python benchmarks/bench_optimal.py --threads 1 --clock cpu --storage-dtypes uint8 float32   # on a shared machine
@@ -41,9 +42,9 @@ import torch
 
 import diffusers_analytic as da
 from diffusers_analytic.data import to_model_space
-from diffusers_analytic.models import functional
+from diffusers_analytic.kernels import empirical_cpu, stored_images
 
-REFERENCE_SECONDS = 0.44  # the research reference's exact optimal denoiser, N = 10000, D = 3072, B = 8 (DESIGN.md)
+REFERENCE_SECONDS = 0.44  # the research reference's exact optimal denoiser, N = 10000, D = 3072, B = 8
 D = 3 * 32 * 32
 
 
@@ -88,7 +89,7 @@ def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
 
 class ReferenceOptimal:
     """
-    The research reference's exact optimal denoiser (DESIGN.md section 6), for timing beside ours: float32 images in
+    The research reference's exact optimal denoiser, for timing beside ours: float32 images in
     memory and a FAISS flat L2 index over them (built here, not timed); a call searches x / sqrt(a) with k = N,
     gathers all N neighbours per query (`[B, N, D]`) and takes the softmax of -a d / (2 (1 - a)) over them.
     """
@@ -223,9 +224,9 @@ def main():
                 "error": ((ref_x0 - exact_flat).norm() / exact_flat.norm()).item(),
             }
         floor = 4 * batch_size * num_images * D / (rate * 1e9)
-        piece = functional.PIECE_BYTES["cpu"]  # one piece of images as float32
-        threads = len(functional._image_ranges(num_images, batch_size, x.device))  # streams, each with its buffers
-        bound = threads * (piece + 4 * batch_size * args.chunk_size * 4 + 8 * batch_size * D * 4) / 2**20
+        piece = stored_images.PIECE_BYTES["cpu"]  # one piece of images as float32
+        blocks = empirical_cpu.num_blocks(num_images, batch_size)  # blocks, each with its piece and buffers
+        bound = blocks * (piece + 4 * batch_size * args.chunk_size * 4 + 8 * batch_size * D * 4) / 2**20
         row = {
             "num_images": num_images,
             "batch_size": batch_size,

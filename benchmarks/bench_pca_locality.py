@@ -22,7 +22,7 @@ from diffusers import DDIMScheduler
 from diffusers_analytic.data import load_builtin
 from diffusers_analytic.models.denoiser_pca_locality import PCALocalityDenoiser
 
-REFERENCE_SECONDS_PER_STEP = {2000: 2.8, 10000: 13.0}  # DESIGN.md section 6, 2-core CPU, B = 8, D = 3072
+REFERENCE_SECONDS_PER_STEP = {2000: 2.8, 10000: 13.0}  # the research reference, 2-core CPU, B = 8, D = 3072
 
 
 def matmul_rate(device: torch.device, rows: int, inner: int, cols: int, repeats: int = 2) -> float:

@@ -27,7 +27,7 @@ import torch
 
 from diffusers_analytic.data import load_builtin, to_model_space
 from diffusers_analytic.models.denoiser_pca_locality import PCALocalityDenoiser
-from diffusers_analytic.models.functional import pca_locality_mask
+from diffusers_analytic.models.pca_mask import pca_locality_mask
 
 
 def parse_args():

@@ -163,3 +163,14 @@ def test_saving_is_a_low_layer():
             for name in names:
                 top = name.split(".")[0]
                 assert top in allowed_third_party or top in sys.stdlib_module_names, name
+
+
+def test_write_json_replaces_the_file_whole(tmp_path):
+    path = str(tmp_path / "metrics.json")
+    saving.write_json({"r2": [1.0, 0.5]}, path)
+    saving.write_json({"r2": [0.25]}, path)
+    assert json.loads(open(path).read()) == {"r2": [0.25]}
+    with pytest.raises(TypeError):
+        saving.write_json({"r2": object()}, path)  # not JSON: the old file stays, no temporary file is left
+    assert json.loads(open(path).read()) == {"r2": [0.25]}
+    assert os.listdir(tmp_path) == ["metrics.json"]

@@ -1,4 +1,4 @@
-"""The code base stays `ruff` clean (lint and format), as STYLE.md asks."""
+"""The code base stays `ruff` clean (lint and format), as the project's style asks (docs/architecture.md)."""
 
 import shutil
 import subprocess

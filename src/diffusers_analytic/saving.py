@@ -179,3 +179,19 @@ def check_saved_version(pretrained_model_name_or_path, kwargs: dict | None = Non
             f"Loading {pretrained_model_name_or_path}, saved by diffusers-analytic {saved}, with {__version__}."
         )
     return saved
+
+
+def write_json(data: dict, path: str, default=None) -> None:
+    """
+    `data` as indented JSON at `path`, written to a temporary file beside it and renamed: never half written.
+    `default` converts values JSON does not know (as in `json.dump`); without it they are a TypeError.
+    """
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "w") as f:
+            json.dump(data, f, indent=2, default=default)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

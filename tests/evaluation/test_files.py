@@ -1,7 +1,5 @@
-"""Loading the trained pipeline to compare with, and writing JSON reports (diffusers_analytic.evaluation.files)."""
+"""Loading the trained pipeline to compare with (diffusers_analytic.evaluation.files)."""
 
-import json
-import os
 import types
 
 import pytest
@@ -9,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffusers_analytic import AnalyticDDIMPipeline, WienerDenoiser
-from diffusers_analytic.evaluation import files, load_trained, write_json
+from diffusers_analytic.evaluation import files, load_trained
 
 
 def test_load_trained_reads_a_diffusers_and_an_analytic_folder(wiener, tmp_path):
@@ -44,14 +42,3 @@ def test_load_trained_needs_a_unet_and_a_scheduler(monkeypatch, tmp_path):
     monkeypatch.setattr(files, "DiffusionPipeline", NoUnet)
     with pytest.raises(ValueError, match="without a `unet` and a `scheduler`"):
         load_trained(str(tmp_path / "anything"))
-
-
-def test_write_json_replaces_the_file_whole(tmp_path):
-    path = str(tmp_path / "metrics.json")
-    write_json({"r2": [1.0, 0.5]}, path)
-    write_json({"r2": [0.25]}, path)
-    assert json.loads(open(path).read()) == {"r2": [0.25]}
-    with pytest.raises(TypeError):
-        write_json({"r2": object()}, path)  # not JSON: the old file stays, no temporary file is left
-    assert json.loads(open(path).read()) == {"r2": [0.25]}
-    assert os.listdir(tmp_path) == ["metrics.json"]

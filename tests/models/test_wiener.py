@@ -14,7 +14,7 @@ DIM = 20
 
 
 def reference_alpha(alphas_cumprod: np.ndarray, t: float) -> float:
-    """a(t) by linear interpolation of log sigma between integer steps, in float64 numpy (DESIGN.md section 1)."""
+    """a(t) by linear interpolation of log sigma between integer steps, in float64 numpy (docs/math.md)."""
     lo = int(np.floor(t))
     hi = min(lo + 1, len(alphas_cumprod) - 1)
     frac = t - lo

@@ -38,7 +38,7 @@ def log_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 
 def alpha_at_timestep(alphas_cumprod: torch.Tensor, t: float) -> float:
-    """a(t) with log sigma interpolated linearly between integer steps (DESIGN.md section 1)."""
+    """a(t) with log sigma interpolated linearly between integer steps (docs/math.md)."""
     ls = log_sigmas(alphas_cumprod)
     low = min(int(math.floor(t)), len(ls) - 1)
     high = min(low + 1, len(ls) - 1)

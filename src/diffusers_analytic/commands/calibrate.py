@@ -15,9 +15,9 @@ import os
 import torch
 from diffusers.utils import logging
 
-from ..evaluation import calibrate_patch_sizes, load_trained, write_json
+from ..evaluation import calibrate_patch_sizes, load_trained
 from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
-from ..saving import save_atomically
+from ..saving import save_atomically, write_json
 
 logger = logging.get_logger(__name__)
 

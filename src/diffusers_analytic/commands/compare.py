@@ -20,8 +20,9 @@ import torch
 from diffusers.utils import logging, make_image_grid
 from PIL import Image
 
-from ..evaluation import Comparison, compare_with_trained, load_trained, write_json
+from ..evaluation import Comparison, compare_with_trained, load_trained
 from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
+from ..saving import write_json
 
 logger = logging.get_logger(__name__)
 

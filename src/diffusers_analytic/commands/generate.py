@@ -20,10 +20,16 @@ import math
 import os
 
 import torch
-from diffusers.utils import logging
+from diffusers.utils import logging, make_image_grid
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..distributed import shard_for_data_parallel
+from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline, scheduler_from_denoiser
+from ..saving import write_json
+from ..schedulers import make_scheduler
+from ..utils.seeding import generators_for_indices
 
 logger = logging.get_logger(__name__)
 
@@ -95,12 +101,7 @@ def run(args) -> None:
 
 
 def _generate(args) -> None:
-    from accelerate import PartialState
-
-    from ..distributed import shard_for_data_parallel
-    from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline, scheduler_from_denoiser
-    from ..schedulers import make_scheduler
-    from ..utils.seeding import generators_for_indices
+    from accelerate import PartialState  # heavy, and only `generate` needs it
 
     if args.num_images < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
         raise ValueError("--num-images, --batch-size and --num-inference-steps must be positive.")
@@ -132,7 +133,7 @@ def _generate(args) -> None:
     state.wait_for_everyone()  # every process has read the old manifest before the main process replaces it
     if state.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        _write_json(manifest, os.path.join(args.output_dir, "manifest.json"))
+        write_json(manifest, os.path.join(args.output_dir, "manifest.json"), default=str)
     state.wait_for_everyone()
 
     batches = [
@@ -215,17 +216,7 @@ def _check_resumable(output_dir: str, manifest: dict) -> None:
         )
 
 
-def _write_json(data: dict, path: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(temporary, path)
-
-
 def _write_grid(args) -> None:
-    from diffusers.utils import make_image_grid
-    from PIL import Image
-
     shown = min(args.num_images, 64)
     images = [Image.open(image_path(args.output_dir, i)).copy() for i in range(shown)]
     cols = math.ceil(math.sqrt(shown))

@@ -10,7 +10,7 @@ noise (sample i from the generator of `(seed, i)`).
   (an analytic denoiser, through [`AnalyticDDIMPipeline`]); [`x0_from_model_output`].
 - `comparison`: [`evaluate_on_trajectory`] (single step) and [`compare_with_trained`] (everything) -> [`Comparison`].
 - `calibration`: [`calibrate_patch_sizes`] -> [`Calibration`], an LS / ELS patch-size schedule from a trained model.
-- `files`: [`load_trained`] (a trained pipeline folder or repo id) and [`write_json`].
+- `files`: [`load_trained`] (a trained pipeline folder or repo id).
 
 The building blocks are separate so that other tools can run a trained trajectory once with [`trained_trajectory`]
 and score many candidate denoisers on it with [`evaluate_on_trajectory`], as [`calibrate_patch_sizes`] does.
@@ -18,7 +18,7 @@ and score many candidate denoisers on it with [`evaluate_on_trajectory`], as [`c
 
 from .calibration import Calibration, calibrate_patch_sizes
 from .comparison import Comparison, check_same_schedule, check_same_shape, compare_with_trained, evaluate_on_trajectory
-from .files import load_trained, write_json
+from .files import load_trained
 from .scores import StepScores, mse_score, r2_score, score_steps
 from .trajectories import (
     Trajectory,
@@ -47,6 +47,5 @@ __all__ = [
     "score_steps",
     "trained_trajectory",
     "unet_sample_shape",
-    "write_json",
     "x0_from_model_output",
 ]

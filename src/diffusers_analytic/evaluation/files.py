@@ -1,8 +1,7 @@
-"""Reading the trained pipeline to compare with, and writing reports (used by `compare` and `calibrate`)."""
+"""Reading the trained pipeline to compare with (used by `compare` and `calibrate`)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 from diffusers import DiffusionPipeline
@@ -30,16 +29,3 @@ def load_trained(source: str | os.PathLike, **kwargs):
             "compare with needs both (e.g. a DDPMPipeline or DDIMPipeline)."
         )
     return unet, scheduler
-
-
-def write_json(data: dict, path: str) -> None:
-    """`data` as indented JSON at `path`, written to a temporary file beside it and renamed: never half written."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise

@@ -75,13 +75,16 @@ class _Blocks:
             return None
         return self.labels[:, None, start:stop] != class_labels[None, :, None]
 
-    def logits(self, query, neg_c2, class_labels, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    def logits(self, query, neg_c2, class_labels, start: int, stop: int) -> torch.Tensor:
         """logits_i = query . r_i - c2 ||y'_i||^2 for images start..stop of every block, `[G, B, n]` (-inf off-class)."""
-        logits = out[:, :, : stop - start]
-        torch.mul(neg_c2[None, :, None], self.sq_norms[:, None, start:stop], out=logits)
+        bias = neg_c2[None, :, None] * self.sq_norms[:, None, start:stop]  # -c2 ||y'_i||^2  [G, B, n]
         queries = query.expand(len(self.values), -1, -1)  # [G, B, D]
-        for offset, piece in self.pieces(start, stop):
-            logits[:, :, offset : offset + piece.shape[1]].baddbmm_(queries, piece.transpose(1, 2))
+        # one batched GEMM per piece, each into a fresh contiguous [G, B, p] (a strided output is slower)
+        logits = [
+            torch.baddbmm(bias[:, :, offset : offset + piece.shape[1]], queries, piece.transpose(1, 2))
+            for offset, piece in self.pieces(start, stop)
+        ]
+        logits = torch.cat(logits, dim=2) if len(logits) > 1 else logits[0]
         other_class = self.other_class(class_labels, start, stop)
         if other_class is not None:
             logits.masked_fill_(other_class, float("-inf"))
@@ -114,15 +117,12 @@ def softmax_state(query, neg_c2, images, sq_norms, chunk_size, labels=None, clas
 def _block_state(block: _Blocks, query, neg_c2, chunk_size, class_labels) -> OnlineSoftmax:
     """The state `[G, B]` over the images of every block."""
     chunk = min(chunk_size, block.count)
-    logits_buffer = torch.empty(len(block.values), len(query), chunk, device=query.device)
     reference = _broad_posterior_reference(block, query, neg_c2, class_labels)
     if reference is not None:
-        return _fused_state(block, query, neg_c2, chunk, class_labels, reference, logits_buffer)
+        return _fused_state(block, query, neg_c2, chunk, class_labels, reference)
     softmax = OnlineSoftmax()
     for start in range(0, block.count, chunk):
-        _general_update(
-            softmax, block, query, neg_c2, class_labels, start, min(start + chunk, block.count), logits_buffer
-        )
+        _general_update(softmax, block, query, neg_c2, class_labels, start, min(start + chunk, block.count))
     return softmax
 
 
@@ -133,8 +133,7 @@ def _broad_posterior_reference(block: _Blocks, query, neg_c2, class_labels) -> t
     `ACTIVE_LOGIT_RANGE` of their row's max in some row (a peaked posterior), or a row has no image of its class there.
     """
     stop = min(block.piece_size, block.count)
-    logits = torch.empty(len(block.values), len(query), stop, device=query.device)
-    logits = block.logits(query, neg_c2, class_labels, 0, stop, logits)  # [G, B, p]
+    logits = block.logits(query, neg_c2, class_labels, 0, stop)  # [G, B, p]
     top = logits.amax(dim=2)  # [G, B]
     if not bool(torch.isfinite(top).all()):
         return None
@@ -144,7 +143,7 @@ def _broad_posterior_reference(block: _Blocks, query, neg_c2, class_labels) -> t
     return top + REFERENCE_MARGIN
 
 
-def _fused_state(block: _Blocks, query, neg_c2, chunk, class_labels, reference, logits_buffer) -> OnlineSoftmax:
+def _fused_state(block: _Blocks, query, neg_c2, chunk, class_labels, reference) -> OnlineSoftmax:
     """
     The state `[G, B]` with the fixed reference m: per piece, w_i = exp(l_i - m) (logits GEMM, exp) and its weighted
     sum (second GEMM) while the piece is in cache. A chunk whose weights sum past `MAX_CHUNK_SUM` in some row (or to
@@ -152,37 +151,41 @@ def _fused_state(block: _Blocks, query, neg_c2, chunk, class_labels, reference, 
     """
     num_blocks, batch_size, dim = len(block.values), len(query), query.shape[1]
     queries = query.expand(num_blocks, -1, -1)  # [G, B, D]
+    piece_weights_buffer = torch.empty(num_blocks, batch_size, block.piece_size, device=query.device)
     chunk_acc = torch.empty(num_blocks, batch_size, dim, device=query.device)  # sum_i w_i r_i of a chunk
+    chunk_sum = torch.empty(num_blocks, batch_size, device=query.device)  # sum_i w_i of a chunk
     fused, redone = OnlineSoftmax(), OnlineSoftmax()
     fused.max = reference
     fused.sum = torch.zeros_like(reference)
     fused.acc = torch.zeros(num_blocks, batch_size, dim, device=query.device)
     for start in range(0, block.count, chunk):
         stop = min(start + chunk, block.count)
-        weights = logits_buffer[:, :, : stop - start]  # [G, B, n]
-        # w_i = exp(query . r_i - c2 ||y'_i||^2 - m): the last two terms here, the GEMM adds the first per piece.
-        torch.mul(neg_c2[None, :, None], block.sq_norms[:, None, start:stop], out=weights).sub_(reference[:, :, None])
         other_class = block.other_class(class_labels, start, stop)
         chunk_acc.zero_()
+        chunk_sum.zero_()
         for offset, piece in block.pieces(start, stop):
-            piece_weights = weights[:, :, offset : offset + piece.shape[1]]  # [G, B, p]
-            exp_weights_(piece_weights.baddbmm_(queries, piece.transpose(1, 2)))
+            count = piece.shape[1]
+            weights = piece_weights_buffer[:, :, :count]  # [G, B, p]
+            # w_i = exp(query . r_i - c2 ||y'_i||^2 - m)
+            first = start + offset
+            torch.mul(neg_c2[None, :, None], block.sq_norms[:, None, first : first + count], out=weights)
+            exp_weights_(weights.sub_(reference[:, :, None]).baddbmm_(queries, piece.transpose(1, 2)))
             if other_class is not None:
-                piece_weights.masked_fill_(other_class[:, :, offset : offset + piece.shape[1]], 0.0)
-            chunk_acc.baddbmm_(piece_weights, piece)
-        chunk_sum = weights.sum(dim=2)  # [G, B]
+                weights.masked_fill_(other_class[:, :, offset : offset + count], 0.0)
+            chunk_acc.baddbmm_(weights, piece)
+            chunk_sum += weights.sum(dim=2)
         if bool((chunk_sum <= MAX_CHUNK_SUM).all()):  # (False for NaN; and sum_i w_i r_i <= e^50 max|r| is finite)
             fused.sum += chunk_sum
             fused.acc += chunk_acc
         else:
-            _general_update(redone, block, query, neg_c2, class_labels, start, stop, logits_buffer)
+            _general_update(redone, block, query, neg_c2, class_labels, start, stop)
     fused.merge(redone)
     return fused
 
 
-def _general_update(softmax, block: _Blocks, query, neg_c2, class_labels, start, stop, logits_buffer) -> None:
+def _general_update(softmax, block: _Blocks, query, neg_c2, class_labels, start, stop) -> None:
     """One chunk of the online softmax with a running max: `[G, B]` rows, values r_i."""
-    logits = block.logits(query, neg_c2, class_labels, start, stop, logits_buffer)  # [G, B, n]
+    logits = block.logits(query, neg_c2, class_labels, start, stop)  # [G, B, n]
     softmax.update(logits, lambda weights: _sparse_weighted_sum(weights, block, start, stop))
 
 
@@ -215,12 +218,11 @@ def nearest_state(query, neg_a, images, sq_norms, chunk_size, labels=None, class
     for start, blocks, count in _block_layouts(len(images), len(query)):
         block = _Blocks(images, sq_norms, labels, start, blocks, count, chunk_size)
         chunk = min(chunk_size, count)
-        logits_buffer = torch.empty(blocks, len(query), chunk, device=query.device)
         block_score = torch.full((blocks, len(query)), float("inf"), device=query.device)
         block_index = torch.zeros(blocks, len(query), dtype=torch.int64, device=query.device)
         for chunk_start in range(0, count, chunk):
             chunk_stop = min(chunk_start + chunk, count)
-            neg_scores = block.logits(query, neg_a, class_labels, chunk_start, chunk_stop, logits_buffer)
+            neg_scores = block.logits(query, neg_a, class_labels, chunk_start, chunk_stop)  # [G, B, n]
             chunk_best, chunk_index = neg_scores.max(dim=2)  # [G, B]
             better = -chunk_best < block_score
             block_score = torch.where(better, -chunk_best, block_score)
