@@ -12,6 +12,25 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="torch device for the device tests (tests/test_devices.py), e.g. cuda or cuda:1; default cpu",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device the device tests run on (`--device`); an unavailable one stops the run with a clear message."""
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise pytest.UsageError(f"--device {device} was asked for but this machine has no such CUDA device.")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise pytest.UsageError(f"--device must be cpu, cuda[:N] or mps, got {device}.")
+    return device
+
+
 @pytest.fixture(scope="session")
 def digits():
     from diffusers_analytic import load_builtin
