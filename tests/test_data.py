@@ -66,3 +66,49 @@ def test_mismatched_labels_and_unsupported_sources():
         list(iter_image_batches("digits"))
     with pytest.raises(ValueError, match="batch_size"):
         list(iter_image_batches(torch.zeros(4, 1, 2, 2), batch_size=0))
+
+
+def test_channels_last_batches_are_transposed_with_a_log_line(caplog):
+    digits = da.load_builtin("digits").images[:10]  # [10, 1, 8, 8]
+    rgb = digits.expand(-1, 3, -1, -1).contiguous()
+    for channels_first in (digits, rgb):
+        channels_last = channels_first.permute(0, 2, 3, 1).numpy()  # numpy / PIL layout [N, H, W, C]
+        with caplog.at_level("INFO", logger="diffusers_analytic"):
+            batches = list(iter_image_batches(channels_last, batch_size=4))
+        assert torch.equal(torch.cat([b.images for b in batches]), channels_first)
+        assert "channels-last" in caplog.text
+        caplog.clear()
+    denoiser = da.WienerDenoiser.from_dataset(rgb.permute(0, 2, 3, 1).numpy(), show_progress=False)
+    assert denoiser.config.in_channels == 3 and denoiser.config.sample_size == 8
+
+
+def test_float_images_outside_model_space_are_refused_with_the_fix():
+    images = da.load_builtin("digits").images[:20]
+    with pytest.raises(ValueError, match=r"\[-1, 1\].*divide 8-bit values by 127.5 and subtract 1.*value_range=None"):
+        da.WienerDenoiser.from_dataset(images.float(), show_progress=False)
+    with pytest.raises(ValueError, match="value_range=None"):
+        da.OptimalDenoiser.from_dataset(images.float())
+    model_space = images.float() / 127.5 - 1
+    assert da.WienerDenoiser.from_dataset(model_space, show_progress=False).mean.abs().max() <= 1
+    rounded = (model_space * 1.0001).half()  # rounding past +-1 is accepted
+    list(iter_image_batches(rounded))
+    gaussian = torch.randn(50, 1, 2, 2) * 3  # data that really lives elsewhere: the documented opt-out
+    denoiser = da.WienerDenoiser.from_dataset(gaussian, show_progress=False, value_range=None)
+    torch.testing.assert_close(denoiser.mean, gaussian.reshape(50, -1).mean(0), rtol=0, atol=1e-5)
+    assert len(list(iter_image_batches(gaussian * 10, value_range=(-100, 100)))) == 1
+
+
+def test_a_typo_of_a_builtin_or_a_missing_local_path_fails_at_once(tmp_path, monkeypatch):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="did you mean the built-in 'digits'.*digits, faces, patches"):
+        da.load_image_dataset("digitz")
+    with pytest.raises(ValueError, match="'faces'"):
+        da.load_image_dataset("Face")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for missing in ("data/mnist", "./mnist", str(tmp_path / "nowhere"), "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="No such local folder"):
+            da.load_image_dataset(missing)
+    assert time.perf_counter() - start < 5  # no Hub round trips

@@ -13,6 +13,7 @@ import yaml
 
 import diffusers_analytic
 from diffusers_analytic import AnalyticDDIMPipeline, WienerDenoiser, hub, saving
+from diffusers_analytic.data import BUILTIN_DATASETS
 from diffusers_analytic.registry import DENOISERS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +77,38 @@ def test_every_hub_config_passes_the_schema(path):
     assert config.paper["url"].startswith("https://") and "@" in config.paper["bibtex"]
     if config.method in DENOISERS:  # a registered class must accept every parameter
         hub.denoiser_class_for(config.method)
+
+
+BUILTIN_CONFIG_PATHS = [path for path in CONFIG_PATHS if hub.load_hub_config(path).data["source"] in BUILTIN_DATASETS]
+
+
+@pytest.mark.parametrize("path", BUILTIN_CONFIG_PATHS, ids=os.path.basename)
+def test_every_builtin_data_config_builds_offline(path, tmp_path):
+    # The whole build path (data, fit with the config's params, samples, card, save, load) on a few images.
+    config = hub.load_hub_config(path)
+    config.data["max_images"] = 24
+    if config.data["source"] == "patches":  # 16x16 crops: a 3072 x 3072 eigendecomposition would take most of the time
+        config.data["resolution"] = 16
+    config.sample = {"num_images": 2, "num_inference_steps": 2, "seed": 0}
+    hub.build(config, str(tmp_path / "built"), show_progress=False)
+    pipe = AnalyticDDIMPipeline.from_pretrained(tmp_path / "built")
+    assert type(pipe.unet) is DENOISERS[config.method] and pipe.unet.config.get("num_images", 24) == 24
+    for key, value in config.params.items():
+        assert pipe.unet.config[key] == value, (key, value)
+    assert (tmp_path / "built" / "samples.png").exists() and (tmp_path / "built" / "README.md").exists()
+
+
+def test_patch_machine_configs_use_the_authors_presets():
+    by_name = {os.path.basename(path)[:-5]: hub.load_hub_config(path) for path in CONFIG_PATHS}
+    presets = {"mnist": "mnist_unet", "fashion-mnist": "fashion_mnist_unet", "cifar10": "cifar10_unet"}
+    for data, preset in presets.items():
+        for method in ("ls", "els"):
+            assert by_name[f"{method}-{data}"].params["patch_size_schedule"] == preset
+    for name, config in by_name.items():
+        if config.method == "els":  # the authors' networks are zero-padded: the boundary-aware machine
+            assert config.params["padding"] == "zeros" and config.params["boundary_aware"] is True, name
+        if config.method in ("ls", "els"):
+            assert "2412.20292" in config.paper["url"], name
 
 
 def test_hub_config_parameters_follow_the_reference():
@@ -172,6 +205,8 @@ def test_model_card_parses_and_carries_the_metadata(built_digits):
     assert "| images used | 1797 |" in text
     assert f"diffusers-analytic {diffusers_analytic.__version__}" in text
     assert "@book{wiener1949extrapolation" in text
+    # The package is not on PyPI: the card says how to install it from the repository.
+    assert "pip install diffusers-analytic" not in text and "not on PyPI" in text and "pip install -e" in text
 
 
 def test_model_card_of_a_hub_data_set_lists_it():

@@ -12,6 +12,7 @@ PACKAGE = ROOT / "src" / "diffusers_analytic"
 
 # Lower ranks never import higher ones; `commands` is imported only by itself and the entry point.
 LAYERS = {
+    "names": 0,
     "data": 0,
     "saving": 0,
     "utils": 0,
@@ -73,7 +74,8 @@ def layer(parts: tuple) -> int | None:
 def test_imports_run_down_the_layers_at_module_top(path, parts):
     own = layer(parts)
     for target, in_function in imported_modules(path, parts):
-        assert not in_function, f"{path.name} imports {'.'.join(target)} inside a function"
+        # The commands import the library inside `run`, so that `--help` does not load torch; nobody else does.
+        assert not in_function or parts[0] == "commands", f"{path.name} imports {'.'.join(target)} inside a function"
         if not target or target == ("__version__",) or own is None:
             continue  # the package root (its version) and the package's own __init__
         assert target[0] != "commands" or parts[0] in ("commands", "__main__"), f"{path.name} imports the CLI"
@@ -91,17 +93,43 @@ def test_no_process_wide_switches_and_no_oversized_files():
 
 
 def test_every_named_document_exists():
+    # documents: `docs/<name>.md` and upper-case names such as `README.md` (not output files such as gpu_check.md)
     named = set()
     for folder in ("src", "tests", "benchmarks", "docs", "examples"):
         for path in (ROOT / folder).rglob("*"):
             if path.suffix in (".py", ".md", ".toml", ".yaml") and path.is_file():
-                named |= {(path, name) for name in re.findall(r"\b(?:docs/)?[A-Za-z_]+\.md\b", path.read_text())}
+                named |= {
+                    (path, name)
+                    for name in re.findall(r"\bdocs/[A-Za-z_]+\.md\b|\b[A-Z][A-Z_]+\.md\b", path.read_text())
+                }
     named |= {
         (ROOT / "README.md", name)
-        for name in re.findall(r"\b(?:docs/)?[A-Za-z_]+\.md\b", (ROOT / "README.md").read_text())
+        for name in re.findall(r"\bdocs/[A-Za-z_]+\.md\b|\b[A-Z][A-Z_]+\.md\b", (ROOT / "README.md").read_text())
     }
     for source, name in sorted(named):
         if name == "README.md":
             continue  # (model cards and folders' own READMEs)
         candidates = [ROOT / name, ROOT / "docs" / name, ROOT / "benchmarks" / name]
         assert any(candidate.is_file() for candidate in candidates), f"{source} names {name}, which is not in the repo"
+
+
+def test_the_command_line_starts_without_torch():
+    """`diffusers-analytic --help` must not pay for torch / diffusers: the package root is lazy (PEP 562) and the
+    command modules import the library inside `run`."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, diffusers_analytic.commands.cli as cli; cli.build_parser(); "
+        "print(sorted(m for m in ('torch', 'diffusers', 'accelerate', 'datasets') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", f"importing the CLI loaded {result.stdout.strip()}"
+
+
+def test_names_shown_by_the_cli_match_the_library():
+    from diffusers_analytic import data, names, registry
+
+    assert names.METHODS == tuple(sorted(registry.DENOISERS)), "list a new method in names.METHODS"
+    assert data.BUILTIN_DATASETS is names.BUILTIN_DATASETS

@@ -2,8 +2,10 @@
 
 Everything `from_dataset` accepts goes through [`iter_image_batches`]:
 
-- a float tensor `[N, C, H, W]` in model space `[-1, 1]` (any finite values are accepted, e.g. Gaussian test data),
-- a uint8 tensor or array `[N, C, H, W]` in `[0, 255]` (kept 8-bit: exact and 4x smaller to store),
+- a float tensor `[N, C, H, W]` in model space `[-1, 1]` (values further outside than rounding are refused with the
+  fix; `value_range=None` accepts any finite values, e.g. Gaussian test data),
+- a uint8 tensor or array `[N, C, H, W]` in `[0, 255]` (kept 8-bit: exact and 4x smaller to store); channels-last
+  batches `[N, H, W, C]` with C in {1, 3, 4} (numpy / PIL layout) are transposed, with a log line,
 - an [`ImageSet`] (the built-in sets return one),
 - a `datasets.Dataset` / `datasets.IterableDataset` with an image column (detected, or named by `image_column`),
 - any iterable of batches: tensors, `(images, labels)` pairs or dicts with `"images"` / `"labels"`.
@@ -15,6 +17,7 @@ scikit-image and scikit-learn: a natural-image patch set of any size and count).
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -22,9 +25,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.utils import logging
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image
 
-BUILTIN_DATASETS = ("digits", "faces", "patches")
+from .names import BUILTIN_DATASETS
+
+logger = logging.get_logger(__name__)
+
+# `from_dataset` keywords that describe the data source rather than the denoiser (passed to `iter_image_batches`).
+DATA_SOURCE_KEYWORDS = ("image_column", "label_column", "resolution", "channels", "labels", "value_range")
+# Model space: float images are expected here (up to `_RANGE_SLACK` of the range's width for rounding).
+MODEL_SPACE_RANGE = (-1.0, 1.0)
+_RANGE_SLACK = 0.005
+# Channel counts of the common image layouts (grey, RGB, RGBA): a batch with one of them last and not first is
+# channels-last.
+_LAYOUT_CHANNELS = (1, 3, 4)
 _IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "picture")
 _LABEL_COLUMN_NAMES = ("label", "labels", "class", "fine_label")
 
@@ -149,6 +165,7 @@ def load_image_dataset(source: str, split: str = "train", streaming: bool = Fals
     """
     if source in BUILTIN_DATASETS:
         return load_builtin(source, **kwargs)
+    check_data_source(source)
     import datasets
 
     if os.path.isdir(source):
@@ -160,6 +177,39 @@ def load_image_dataset(source: str, split: str = "train", streaming: bool = Fals
         if not has_script_or_data:
             return datasets.load_dataset("imagefolder", data_dir=source, split=split, streaming=streaming, **kwargs)
     return datasets.load_dataset(source, split=split, streaming=streaming, **kwargs)
+
+
+def _looks_local(source: str) -> bool:
+    """A path rather than a Hub id: absolute, `./`-relative, `~`, more than one `/`, not a valid repo id, or its first
+    component is a folder here (`data/mnist` beside a `data/` folder)."""
+    if os.path.isabs(source) or source.startswith((".", "~")) or "\\" in source or source.count("/") > 1:
+        return True
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return True
+    return "/" in source and os.path.isdir(source.split("/")[0])
+
+
+def check_data_source(source: str) -> None:
+    """
+    Refuses at once, before any Hub request, a source that is neither a built-in set nor an existing path but looks
+    like a typo of a built-in name (`digitz`) or like a local path (`./data/mnist`, `data/mnist` beside `data/`):
+    a ValueError naming the built-in sets, or a FileNotFoundError naming the missing path. Hub ids pass.
+    """
+    if source in BUILTIN_DATASETS or os.path.exists(source):
+        return
+    close = difflib.get_close_matches(source.lower(), BUILTIN_DATASETS, n=1, cutoff=0.75)
+    if close:
+        raise ValueError(
+            f"Unknown data set {source!r}: did you mean the built-in {close[0]!r}? The built-in sets are "
+            f"{', '.join(BUILTIN_DATASETS)}; anything else must be a local image folder or a Hub data set id."
+        )
+    if _looks_local(source):
+        raise FileNotFoundError(
+            f"No such local folder {os.path.abspath(os.path.expanduser(source))!r} (from {source!r}); check the path, "
+            f"or name a built-in set ({', '.join(BUILTIN_DATASETS)}) or a Hub data set id (org/name)."
+        )
 
 
 # ---------------------------------------------------------------------------------------------- conversion
@@ -205,8 +255,8 @@ def _as_tensor_images(images, resolution, channels) -> torch.Tensor:
     array = np.asarray(images)
     if array.ndim == 3:  # [B, H, W] grey
         array = array[:, None]
-    elif array.ndim == 4 and array.shape[-1] in (1, 3) and array.shape[1] not in (1, 3):
-        array = array.transpose(0, 3, 1, 2)  # channels-last -> channels-first
+    elif is_channels_last(array.shape):
+        array = array.transpose(0, 3, 1, 2)  # channels-last -> channels-first (as PIL / numpy store images)
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
@@ -241,10 +291,13 @@ def iter_image_batches(
     label_column: str | None = None,
     resolution: int | tuple[int, int] | None = None,
     channels: int | None = None,
+    value_range: tuple[float, float] | None = MODEL_SPACE_RANGE,
 ) -> Iterator[ImageBatch]:
     """
-    Yields [`ImageBatch`]es from any supported source (see the module docstring), checking each: 4-d, finite,
-    uint8 or floating. Raises a ValueError naming the problem otherwise, and for a source without any image.
+    Yields [`ImageBatch`]es `[B, C, H, W]` from any supported source (see the module docstring), checking each: 4-d,
+    finite, uint8 or floating, float values inside `value_range`. A channels-last batch `[B, H, W, C]` (C in 1, 3, 4
+    last and not first: numpy / PIL layout) is transposed, and a log line says so. Raises a ValueError naming the
+    problem and the fix otherwise, and for a source without any image.
 
     Args:
         data: the source.
@@ -253,6 +306,9 @@ def iter_image_batches(
         image_column, label_column (`str`, *optional*): column names of a `datasets` source (detected if omitted).
         resolution (`int` or `(H, W)`, *optional*): resize + center-crop PIL images of a `datasets` source.
         channels (`int`, *optional*): 1 (grey) or 3 (RGB) for PIL images of a `datasets` source.
+        value_range (`(float, float)` or `None`, defaults to `(-1, 1)`): where float images must lie (model space);
+            values further out than rounding are a ValueError with the fix. `None` accepts any finite values, for data
+            that really lives elsewhere (e.g. Gaussian test data; a DDIM scheduler then needs `clip_sample=False`).
     """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
@@ -264,15 +320,27 @@ def iter_image_batches(
     if isinstance(data, np.ndarray):
         data = torch.from_numpy(data)
 
+    if value_range is not None and (len(value_range) != 2 or not value_range[0] < value_range[1]):
+        raise ValueError(f"`value_range` must be a (low, high) pair with low < high, or None; got {value_range!r}.")
     count = 0
+    transposed = False
     for batch in _raw_batches(data, batch_size, labels, image_column, label_column, resolution, channels):
         images = batch.images
         if images.ndim != 4:
             raise ValueError(f"Images must be a [N, C, H, W] batch, got shape {list(images.shape)}.")
         if images.dtype != torch.uint8 and not images.is_floating_point():
             raise ValueError(f"Images must be uint8 in [0, 255] or floating in [-1, 1], got dtype {images.dtype}.")
-        if images.is_floating_point() and not torch.isfinite(images).all():
-            raise ValueError("The data contains NaN or infinite values.")
+        if is_channels_last(images.shape):
+            if not transposed:
+                logger.info(
+                    f"Images of shape {list(images.shape)} are channels-last [N, H, W, C]; transposed to "
+                    f"[N, C, H, W] = {[images.shape[0], images.shape[3], images.shape[1], images.shape[2]]}."
+                )
+                transposed = True
+            images = images.permute(0, 3, 1, 2).contiguous()
+            batch = ImageBatch(images, batch.labels)
+        if images.is_floating_point():
+            _check_float_values(images, value_range)
         if batch.labels is not None and len(batch.labels) != len(images):
             raise ValueError(f"Got {len(batch.labels)} labels for {len(images)} images.")
         count += len(images)
@@ -280,6 +348,27 @@ def iter_image_batches(
             yield batch
     if count == 0:
         raise ValueError("The data is empty: no images to fit on.")
+
+
+def is_channels_last(shape) -> bool:
+    """True for a batch shape `[N, H, W, C]` with C in (1, 3, 4) last and not first (numpy / PIL layout)."""
+    return len(shape) == 4 and shape[3] in _LAYOUT_CHANNELS and shape[1] not in _LAYOUT_CHANNELS
+
+
+def _check_float_values(images: torch.Tensor, value_range: tuple[float, float] | None) -> None:
+    if not torch.isfinite(images).all():
+        raise ValueError("The data contains NaN or infinite values.")
+    if value_range is None or images.numel() == 0:
+        return
+    low, high = (float(v) for v in value_range)
+    slack = _RANGE_SLACK * (high - low)
+    found_low, found_high = (float(v) for v in torch.aminmax(images.detach().float()))
+    if found_low < low - slack or found_high > high + slack:
+        raise ValueError(
+            f"Float images must lie in [{low:g}, {high:g}] (model space) but this data spans [{found_low:.4g}, "
+            f"{found_high:.4g}]; divide 8-bit values by 127.5 and subtract 1 (or pass them as uint8), or pass "
+            "`value_range=None` for data that really lives elsewhere."
+        )
 
 
 def _raw_batches(data, batch_size, labels, image_column, label_column, resolution, channels):

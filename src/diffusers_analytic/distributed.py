@@ -29,6 +29,7 @@ one process):
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any
 
 import numpy as np
@@ -66,7 +67,7 @@ class ProcessGroupCommunicator:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError(
                 "torch.distributed is not initialised; launch with `accelerate launch` or `torchrun` and create "
-                "`accelerate.PartialState()` first."
+                "`accelerate.PartialState(cpu=not torch.cuda.is_available())` first."
             )
         self.group = group
         self.rank = dist.get_rank(group)
@@ -95,6 +96,27 @@ def default_communicator(state: Any = None) -> Communicator | None:
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return None
     return ProcessGroupCommunicator()
+
+
+def _process_index_and_count(state: Any, communicator) -> tuple[int, int, Any]:
+    """
+    `(index, num_shards, communicator)` from an `accelerate.PartialState` or, without one, the default process group.
+    A state that reports one process while the launcher started several (`WORLD_SIZE`) is a ValueError with the fix:
+    `PartialState()` on a machine without GPUs does not join `accelerate launch --multi_gpu`'s processes.
+    """
+    if state is not None:
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if state.num_processes == 1 and launched > 1:
+            raise ValueError(
+                f"The launcher started {launched} processes but the PartialState reports 1, so every process would "
+                "keep all the data; on a machine without GPUs create it with `PartialState(cpu=True)` (e.g. "
+                "`PartialState(cpu=not torch.cuda.is_available())`)."
+            )
+        return state.process_index, state.num_processes, communicator
+    communicator = communicator or default_communicator()
+    if communicator is None:
+        return 0, 1, None
+    return communicator.rank, communicator.world_size, communicator
 
 
 def shard_bounds(num_items: int, index: int, num_shards: int) -> tuple[int, int]:
@@ -132,18 +154,15 @@ def shard_data(data, state: Any = None, index: int | None = None, num_shards: in
     Examples:
 
     ```py
-    >>> # under `accelerate launch --num_processes 2 ...`
+    >>> # under `accelerate launch --multi_gpu --num_processes 2 ...` (the form in the module docstring)
     >>> from accelerate import PartialState
     >>> from diffusers_analytic.distributed import shard_data
-    >>> denoiser = da.WienerDenoiser.from_dataset(shard_data(images, PartialState()))  # same on every process
+    >>> state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU-only machines, NCCL on GPUs
+    >>> denoiser = da.WienerDenoiser.from_dataset(shard_data(images, state))  # same on every process
     ```
     """
     if index is None or num_shards is None:
-        if state is not None:
-            index, num_shards = state.process_index, state.num_processes
-        else:
-            communicator = communicator or default_communicator()
-            index, num_shards = (0, 1) if communicator is None else (communicator.rank, communicator.world_size)
+        index, num_shards, communicator = _process_index_and_count(state, communicator)
     if num_shards == 1:
         return data
     if communicator is None:
@@ -210,7 +229,7 @@ def shard_for_data_parallel(
     >>> from accelerate import PartialState
     >>> from diffusers_analytic.distributed import shard_for_data_parallel
     >>> from diffusers_analytic.utils.seeding import generators_for_indices
-    >>> state = PartialState()
+    >>> state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU-only machines, NCCL on GPUs
     >>> pipe = da.AnalyticDDIMPipeline.from_pretrained("optimal-cifar10")
     >>> shard_for_data_parallel(pipe, state).to(state.device)
     >>> images = pipe(batch_size=8, generator=generators_for_indices(0, range(8))).images  # same on every process
@@ -223,11 +242,7 @@ def shard_for_data_parallel(
             "data-holding denoisers (optimal, scfdm, nearest_dataset, pca_locality)."
         )
     if index is None or num_shards is None:
-        if state is not None:
-            index, num_shards = state.process_index, state.num_processes
-        else:
-            communicator = communicator or default_communicator()
-            index, num_shards = (0, 1) if communicator is None else (communicator.rank, communicator.world_size)
+        index, num_shards, communicator = _process_index_and_count(state, communicator)
     if num_shards == 1:
         return model
     communicator = communicator or default_communicator(state)

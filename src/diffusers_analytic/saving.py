@@ -161,7 +161,7 @@ def check_saved_version(pretrained_model_name_or_path, kwargs: dict | None = Non
     if saved is not None and _version_tuple(saved) > _version_tuple(__version__):
         raise ValueError(
             f"{pretrained_model_name_or_path} was saved by diffusers-analytic {saved}, newer than the installed "
-            f"{__version__}; upgrade with `pip install -U diffusers-analytic`."
+            f"{__version__}; update your clone of the diffusers-analytic repository and reinstall it (`pip install -e .`)."
         )
     saved_by = f"diffusers-analytic {saved}" if saved is not None else "an unknown version of diffusers-analytic"
     for name, (module_name, class_name) in _our_components(index).items():

@@ -84,6 +84,25 @@ def test_distributed_moments_of_a_datasets_dataset(worker_out):
     torch.testing.assert_close(two["cov"], single.covariance(), rtol=0, atol=1e-14)
 
 
+def test_readme_python_example_shards_over_two_cpu_processes(worker_out):
+    ranks = [torch.load(os.path.join(worker_out, f"readme_rank{rank}.pt")) for rank in (0, 1)]
+    assert [r["shard"] for r in ranks] == [(0, 0, 151), (1, 151, 301)]  # each process holds half of the 301 images
+    assert ranks[0]["images"] == ranks[1]["images"]  # and both return the same images
+
+
+def test_a_state_that_misses_the_launched_processes_is_refused(optimal_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    from diffusers_analytic.distributed import shard_data, shard_for_data_parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    lone = SimpleNamespace(num_processes=1, process_index=0)  # what PartialState() says there without GPUs
+    pipe = da.AnalyticDDIMPipeline.from_pretrained(optimal_dir)
+    for call in (lambda: shard_for_data_parallel(pipe, lone), lambda: shard_data(torch.zeros(4, 1, 2, 2), lone)):
+        with pytest.raises(ValueError, match=r"started 2 processes.*PartialState\(cpu=True\)"):
+            call()
+
+
 def test_data_parallel_denoising_equals_one_process(worker_out):
     ranks = [torch.load(os.path.join(worker_out, f"data_parallel_rank{rank}.pt")) for rank in (0, 1)]
     for name, denoiser, inputs in dp_cases.cases():

@@ -32,7 +32,26 @@ from diffusers_analytic.kernels.reductions import all_reduce_nearest
 from tests.distributed import dp_cases
 
 
+def readme_example() -> str:
+    """The README's Python example of data-parallel denoising (the code block that calls `shard_for_data_parallel`)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        blocks = f.read().split("```python\n")[1:]
+    return next(block.split("```")[0] for block in blocks if "shard_for_data_parallel(pipe, state)" in block)
+
+
 def run(out: str, wiener_dir: str, dp_pipeline_dir: str) -> None:
+    # 0. the README's example, first, in the fresh process (it creates the PartialState): it must shard on CPU-only
+    #    machines as on GPU machines
+    namespace = {}
+    exec(readme_example().replace("./optimal-cifar10", dp_pipeline_dir), namespace)
+    shard = namespace["pipe"].unet.data_parallel_shard
+    assert shard is not None and shard.num_shards == 2, shard
+    torch.save(
+        {"shard": (shard.index, shard.start, shard.stop), "images": [list(i.getdata()) for i in namespace["images"]]},
+        os.path.join(out, f"readme_rank{shard.index}.pt"),
+    )
+
     state = PartialState(cpu=True)
     rank = state.process_index
     assert state.num_processes == 2, state.num_processes

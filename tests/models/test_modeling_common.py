@@ -2,6 +2,7 @@
 input validation and save/load. Parametrised over `registry.DENOISERS`, so a new method is covered when registered."""
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -197,3 +198,133 @@ def test_schedule_of_default_denoiser_equals_ddim_default(fitted):
     np.testing.assert_array_equal(
         fitted["wiener"].alphas_cumprod.numpy(), DDIMScheduler().alphas_cumprod.double().numpy()
     )
+
+
+# ---------------------------------------------------------------------------------------------- the ways users run one
+def _fresh(method, source):
+    return DENOISERS[method].from_dataset(source, show_progress=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_way_a_diffusers_user_runs_a_model_gives_the_plain_result(digits_small, method, tmp_path):
+    """inference_mode (fit, load, call), no_grad, non-contiguous and channels_last input, batch 1, float16, a `[B]`
+    timestep, save / load and two threads making the first call at once: all give the plain single-thread result."""
+    data = da.ImageSet(digits_small.images[:120], digits_small.labels[:120])
+    den = _fresh(method, data)
+    x = noisy(digits_small.images[120:124], 0.4, seed=7)
+    t = 451.5
+    g = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    expected = den.denoise(x, t, generator=g())
+    den.save_pretrained(tmp_path / "plain")
+
+    def check(model, sample=x, timestep=t, atol=0.0):
+        out = model.denoise(sample, timestep, generator=g())
+        torch.testing.assert_close(out.float(), expected, rtol=0, atol=atol)
+
+    # inference_mode: fit, load, call and save there; then use those models in every mode, in any order.
+    with torch.inference_mode():
+        fitted_in = _fresh(method, data)
+        loaded_in = DENOISERS[method].from_pretrained(tmp_path / "plain")
+        check(fitted_in)
+        check(loaded_in)
+        fitted_in.save_pretrained(tmp_path / "inference")
+        check(den)  # a model fitted outside, called inside
+    for model in (fitted_in, loaded_in, DENOISERS[method].from_pretrained(tmp_path / "inference")):
+        check(model)
+        with torch.no_grad():
+            check(model)
+        with torch.inference_mode():
+            check(model)
+    with torch.no_grad():
+        check(DENOISERS[method].from_pretrained(tmp_path / "plain"))
+
+    # Memory layouts, batch 1, float16, per-sample timesteps.
+    check(den, x.transpose(2, 3).contiguous().transpose(2, 3))  # non-contiguous, same values
+    check(den, x.to(memory_format=torch.channels_last))
+    check(den, x, torch.full((len(x),), t, dtype=torch.float64))
+    single = den.denoise(x[1:2], t, generator=[g()])
+    assert single.shape == (1, *den.sample_shape) and torch.isfinite(single).all()
+    if method != "scfdm":  # (its noise per sample depends on the batch's generator draws)
+        torch.testing.assert_close(single, expected[1:2], rtol=0, atol=1e-5)
+    half = den.denoise(x.half(), t, generator=g())
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), den.denoise(x.half().float(), t, generator=g()), rtol=0, atol=2e-3)
+
+    # Two threads make the first call of a freshly loaded model at once (lazily built caches).
+    for _ in range(3):
+        model = DENOISERS[method].from_pretrained(tmp_path / "plain")
+        for result in _race(lambda model=model: model.denoise(x, t, generator=g())):
+            torch.testing.assert_close(result, expected, rtol=0, atol=0)
+
+
+def _race(call, threads: int = 2) -> list:
+    """Runs `call()` in `threads` threads released at once; returns their results (re-raises the first error)."""
+    barrier, results, errors = threading.Barrier(threads), [None] * threads, []
+
+    def run(slot):
+        try:
+            barrier.wait()
+            results[slot] = call()
+        except BaseException as error:  # noqa: BLE001 - re-raised below
+            errors.append(error)
+
+    workers = [threading.Thread(target=run, args=(slot,)) for slot in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_lazily_built_caches_are_built_once_when_threads_race(digits_small, monkeypatch):
+    import copy
+    import time
+
+    from diffusers_analytic.kernels import stored_images
+    from diffusers_analytic.models import denoiser_pca_locality
+
+    built = []
+
+    def slowly(function):
+        def wrapper(*args, **kwargs):
+            built.append(function.__name__)
+            time.sleep(0.05)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(stored_images, "image_chunks", slowly(stored_images.image_chunks))
+    stats = stored_images.StoredImageStats()
+    means = _race(lambda: stats.get(digits_small.images, 64)[0])
+    assert built == ["image_chunks", "image_chunks"]  # one pass for the mean, one for the norms: once in all
+    torch.testing.assert_close(means[0], means[1], rtol=0, atol=0)
+
+    den = da.PCALocalityDenoiser.from_dataset(digits_small, show_progress=False)
+    monkeypatch.setattr(denoiser_pca_locality, "pca_locality_mask", slowly(denoiser_pca_locality.pca_locality_mask))
+    built.clear()
+    masks = _race(lambda: den.locality_mask(0.5))
+    assert built == ["pca_locality_mask"] and masks[0] is masks[1]
+    copy.deepcopy(den).denoise(torch.zeros(1, 1, 8, 8), 10)  # the caches' locks do not prevent copies
+
+
+def test_loading_another_class_or_incomplete_weights_is_an_error(fitted, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    fitted["optimal"].save_pretrained(tmp_path / "optimal")
+    with pytest.raises(
+        ValueError, match="saved by OptimalDenoiser.*not WienerDenoiser.*OptimalDenoiser.from_pretrained"
+    ):
+        da.WienerDenoiser.from_pretrained(tmp_path / "optimal")
+    fitted["wiener"].save_pretrained(tmp_path / "wiener")
+    with pytest.raises(ValueError, match="saved by WienerDenoiser"):
+        da.PCALocalityDenoiser.from_pretrained(tmp_path / "wiener")
+    weights = next((tmp_path / "wiener").glob("*.safetensors"))
+    state = load_file(weights)
+    del state["eigvals"]
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"lack \['eigvals'\], which WienerDenoiser needs"):
+        da.WienerDenoiser.from_pretrained(tmp_path / "wiener")
+    model, info = da.OptimalDenoiser.from_pretrained(tmp_path / "optimal", output_loading_info=True)
+    assert info["missing_keys"] == [] and torch.equal(model.images, fitted["optimal"].images)

@@ -36,7 +36,7 @@ def reference_wiener(x: np.ndarray, a: float, mean: np.ndarray, cov: np.ndarray)
 def gaussian_fit():
     mean, cov = random_gaussian(DIM, seed=1)
     data = sample_gaussian(mean, cov, 500, seed=2).float().reshape(-1, *SHAPE)
-    denoiser = da.WienerDenoiser.from_dataset(data, batch_size=64, show_progress=False)
+    denoiser = da.WienerDenoiser.from_dataset(data, batch_size=64, show_progress=False, value_range=None)
     return data, denoiser
 
 
@@ -53,7 +53,7 @@ def test_fitted_statistics_match_numpy(gaussian_fit):
 
 def test_fit_does_not_depend_on_batch_size(gaussian_fit):
     data, denoiser = gaussian_fit
-    other = da.WienerDenoiser.from_dataset(data, batch_size=7, show_progress=False)
+    other = da.WienerDenoiser.from_dataset(data, batch_size=7, show_progress=False, value_range=None)
     x = torch.randn(5, *SHAPE)
     torch.testing.assert_close(other.denoise(x, 300), denoiser.denoise(x, 300), rtol=1e-5, atol=1e-6)
 
@@ -78,7 +78,7 @@ def test_denoise_matches_float64_closed_form(gaussian_fit, seed):
 def test_rank_keeps_top_components_and_an_isotropic_floor(gaussian_fit):
     data, _ = gaussian_fit
     rank = 6
-    denoiser = da.WienerDenoiser.from_dataset(data, rank=rank, show_progress=False)
+    denoiser = da.WienerDenoiser.from_dataset(data, rank=rank, show_progress=False, value_range=None)
     flat = data.reshape(len(data), -1).double().numpy()
     mean, cov = flat.mean(0), np.cov(flat, rowvar=False, ddof=1)
     lam, vec = np.linalg.eigh(cov)
@@ -100,9 +100,9 @@ def test_rank_keeps_top_components_and_an_isotropic_floor(gaussian_fit):
 def test_rank_out_of_range_is_an_error(gaussian_fit):
     data, _ = gaussian_fit
     with pytest.raises(ValueError, match="rank"):
-        da.WienerDenoiser.from_dataset(data, rank=DIM + 1, show_progress=False)
+        da.WienerDenoiser.from_dataset(data, rank=DIM + 1, show_progress=False, value_range=None)
     with pytest.raises(ValueError, match="rank"):
-        da.WienerDenoiser.from_dataset(data, rank=0, show_progress=False)
+        da.WienerDenoiser.from_dataset(data, rank=0, show_progress=False, value_range=None)
 
 
 def test_sampling_reproduces_the_gaussian():
@@ -110,7 +110,7 @@ def test_sampling_reproduces_the_gaussian():
     dim = 16
     mean, cov = random_gaussian(dim, seed=7, scale=1.5)  # not inside [-1, 1]
     data = sample_gaussian(mean, cov, 20000, seed=8).float().reshape(-1, 1, 4, 4)
-    denoiser = da.WienerDenoiser.from_dataset(data, batch_size=4096, show_progress=False)
+    denoiser = da.WienerDenoiser.from_dataset(data, batch_size=4096, show_progress=False, value_range=None)
     fitted_mean = denoiser.mean.double()
     fitted_cov = (denoiser.eigvecs.double() * denoiser.eigvals.double()) @ denoiser.eigvecs.double().T
 

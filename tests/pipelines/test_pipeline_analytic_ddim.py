@@ -48,9 +48,27 @@ def test_output_types(pipe):
         pipe(output_type="jpeg", **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"num_inference_steps": -1}, "num_inference_steps"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": 2.5}, "num_inference_steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": -3}, "batch_size"),
+        ({"eta": -0.5}, "eta"),
+        ({"eta": float("nan")}, "eta"),
+        ({"output_type": "jpeg"}, "output_type"),
+    ],
+)
+def test_meaningless_call_arguments_are_value_errors_naming_them(pipe, kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}` must be"):
+        pipe(**{"batch_size": 2, "num_inference_steps": 3, **kwargs})
+
+
 def test_latent_output_is_not_clamped():
     data = torch.randn(300, 1, 2, 2) * 3 + 4  # far outside [-1, 1]
-    den = da.WienerDenoiser.from_dataset(data, show_progress=False)
+    den = da.WienerDenoiser.from_dataset(data, show_progress=False, value_range=None)
     pipe = da.AnalyticDDIMPipeline(unet=den, scheduler=DDIMScheduler(clip_sample=False))
     pipe.set_progress_bar_config(disable=True)
     latent = pipe(batch_size=8, num_inference_steps=20, generator=gen(), output_type="latent").images

@@ -3,13 +3,10 @@ card), optionally pushed to the Hub."""
 
 from __future__ import annotations
 
+import logging
 import os
 
-from diffusers.utils import logging
-
-from .. import hub
-
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)  # (the logger `diffusers.utils.logging.get_logger` gives, without the import)
 
 
 def register(subparsers) -> None:
@@ -34,6 +31,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> None:
+    from .. import hub
+
     config = hub.load_hub_config(args.config)
     if args.repo_id is not None:
         config.repo_id = hub.check_repo_id(args.repo_id)

@@ -10,16 +10,10 @@ atomically, with `calibration.json` (the R^2 table) beside the weights.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
-import torch
-from diffusers.utils import logging
-
-from ..evaluation import calibrate_patch_sizes, load_trained
-from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
-from ..saving import save_atomically, write_json
-
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)  # (the logger `diffusers.utils.logging.get_logger` gives, without the import)
 
 DEFAULT_CANDIDATES = "1,3,5,7,9,11,13,15,17,19,21,23,25,27"
 
@@ -63,13 +57,18 @@ def parse_candidates(text: str) -> list[int]:
 
 
 def run(args) -> None:
+    from ..evaluation import calibrate_patch_sizes, load_trained
+    from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
+    from ..saving import save_atomically, write_json
+    from .common import resolve_device
+
     if min(args.num_inference_steps, args.num_samples, args.batch_size) < 1:
         raise ValueError("--num-inference-steps, --num-samples and --batch-size must be positive.")
     candidates = parse_candidates(args.candidates)
     output_dir = os.path.abspath(args.output_dir)
     if os.path.exists(output_dir) and not args.overwrite:
         raise ValueError(f"{output_dir} exists; pass --overwrite to replace it.")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     pipeline = AnalyticDDIMPipeline.from_pretrained(args.machine)
     machine = pipeline.unet.to(device)
     unet, scheduler = load_trained(args.trained)

@@ -1,4 +1,8 @@
-"""The `diffusers-analytic` command (also `python -m diffusers_analytic`): one module per subcommand."""
+"""The `diffusers-analytic` command (also `python -m diffusers_analytic`): one module per subcommand.
+
+The subcommand modules register their options without importing torch or diffusers (they import the library inside
+`run`), so `--help` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from . import build, calibrate, compare, fit, generate, push
+from . import build, calibrate, compare, evaluate, fit, generate, push
 
 # Each subcommand module has `register(subparsers)` and `run(args)`; listed here line by line.
 SUBCOMMANDS = {
@@ -16,6 +20,7 @@ SUBCOMMANDS = {
     "push": push,
     "compare": compare,
     "calibrate": calibrate,
+    "evaluate": evaluate,
 }
 
 
@@ -46,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         SUBCOMMANDS[args.command].run(args)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"diffusers-analytic {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as error:  # (FileNotFoundError, ConnectionError are OSErrors)
+        message = " ".join(str(error).split())  # one line, whatever the library's message
+        print(f"diffusers-analytic {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -13,18 +13,11 @@ network's x0_hat: R^2 = 1 - SS_res / (Var(trained) * D) per sample, averaged, an
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
-import torch
-from diffusers.utils import logging, make_image_grid
-from PIL import Image
-
-from ..evaluation import Comparison, compare_with_trained, load_trained
-from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
-from ..saving import write_json
-
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)  # (the logger `diffusers.utils.logging.get_logger` gives, without the import)
 
 
 def register(subparsers) -> None:
@@ -54,11 +47,16 @@ def register(subparsers) -> None:
 
 
 def run(args) -> None:
+    from ..evaluation import compare_with_trained, load_trained
+    from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
+    from ..saving import write_json
+    from .common import resolve_device
+
     if min(args.num_inference_steps, args.num_samples, args.batch_size, args.grid_samples, args.grid_steps) < 1:
         raise ValueError(
             "--num-inference-steps, --num-samples, --batch-size, --grid-samples and --grid-steps must be positive."
         )
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     denoiser = AnalyticDDIMPipeline.from_pretrained(args.analytic).unet.to(device)
     unet, scheduler = load_trained(args.trained)
     unet.to(device).eval()
@@ -121,8 +119,11 @@ def plot_per_step(metrics: dict, path: str) -> None:
     os.replace(temporary, path)
 
 
-def _to_pil(images: torch.Tensor, upscale: int):
+def _to_pil(images, upscale: int):
     """Model-space `[n, C, H, W]` -> PIL images, clamped to [-1, 1] and enlarged by `upscale` (nearest)."""
+    import torch
+    from PIL import Image
+
     array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     out = []
     for image in array:
@@ -131,8 +132,12 @@ def _to_pil(images: torch.Tensor, upscale: int):
     return out
 
 
-def write_grids(comparison: Comparison, output_dir: str, grid_samples: int, grid_steps: int) -> None:
-    """The three comparison grids of the module docstring, each written to a temporary file and renamed."""
+def write_grids(comparison, output_dir: str, grid_samples: int, grid_steps: int) -> None:
+    """The three comparison grids of the module docstring (`comparison`: an `evaluation.Comparison`), each written to
+    a temporary file and renamed."""
+    import torch
+    from diffusers.utils import make_image_grid
+
     trained, analytic = comparison.trained, comparison.analytic
     num_steps, num_samples = trained.x0.shape[:2]
     samples = min(grid_samples, num_samples)

@@ -8,22 +8,35 @@ process fits them alone (the others return at once). The main process saves.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 
-import torch
-from diffusers.utils import logging
+from ..names import BUILTIN_DATASETS, METHODS
 
-from ..data import BUILTIN_DATASETS, load_image_dataset
-from ..distributed import shard_data
-from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
-from ..registry import DENOISERS, get_denoiser_class
-from ..saving import save_atomically
-
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)  # (the logger `diffusers.utils.logging.get_logger` gives, without the import)
 
 # Methods whose `from_dataset` only streams moments (`fit_moments`), so that it accepts a `DataShard`.
 SHARDED_FIT_METHODS = ("wiener",)
+
+
+class ListConfigAction(argparse.Action):
+    """`--list-config [METHOD]`: prints the `--config` keys of METHOD (the `--method` given before, or every method)
+    with their defaults, and exits."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..registry import DENOISERS, config_options
+
+        method = values or getattr(namespace, "method", None)
+        if method is not None and method not in DENOISERS:
+            parser.error(f"--list-config: unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        for name in [method] if method else METHODS:
+            options = config_options(DENOISERS[name])
+            print(f"{name} ({DENOISERS[name].__name__}):")
+            for key, default in options.items():
+                print(f"  {key}={json.dumps(default)}")
+        parser.exit()
 
 
 def register(subparsers) -> None:
@@ -31,8 +44,9 @@ def register(subparsers) -> None:
         "fit",
         help="fit a denoiser on a data set and save a pipeline folder",
         description="Fit an analytic denoiser and save an AnalyticDDIMPipeline folder (save_pretrained format).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--method", required=True, choices=sorted(DENOISERS), help="the denoiser")
+    parser.add_argument("--method", required=True, choices=METHODS, help="the denoiser")
     parser.add_argument(
         "--data",
         required=True,
@@ -57,7 +71,16 @@ def register(subparsers) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="denoiser config override, e.g. --config rank=64 --config prediction_type=v_prediction (JSON values)",
+        help="a denoiser option, e.g. --config rank=64 --config prediction_type=v_prediction (JSON values); "
+        "--list-config shows each method's keys",
+    )
+    parser.add_argument(
+        "--list-config",
+        action=ListConfigAction,
+        nargs="?",
+        metavar="METHOD",
+        help="list the --config keys and defaults of METHOD (or of the --method given before, or of every method) "
+        "and exit",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
@@ -77,6 +100,8 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def load_data(args):
+    from ..data import load_image_dataset
+
     if args.data == "patches":
         return load_image_dataset(
             "patches",
@@ -91,15 +116,25 @@ def load_data(args):
 
 
 def run(args) -> None:
-    from accelerate import PartialState  # heavy, and only `fit` needs it
+    import torch
+    from accelerate import PartialState
+    from diffusers.utils import logging as diffusers_logging
+
+    from ..data import check_data_source
+    from ..distributed import shard_data
+    from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
+    from ..registry import check_config, get_denoiser_class
+    from ..saving import save_atomically
 
     denoiser_class = get_denoiser_class(args.method)
     config = parse_overrides(args.config)
+    check_config(denoiser_class, config)  # before the data pass
     if os.path.exists(args.output_dir) and not args.overwrite:
         raise ValueError(f"{os.path.abspath(args.output_dir)} exists; pass --overwrite to replace it.")
+    check_data_source(args.data)  # a typo or a missing folder, before any Hub request
     state = PartialState(cpu=not torch.cuda.is_available())
     if not state.is_main_process:
-        logging.set_verbosity_warning()
+        diffusers_logging.set_verbosity_warning()
     data_kwargs = {
         key: value
         for key, value in (
@@ -125,4 +160,4 @@ def run(args) -> None:
     )
     if state.is_main_process:
         save_atomically(AnalyticDDIMPipeline(unet=denoiser), args.output_dir, overwrite=args.overwrite)
-        logger.info(f"Saved a {args.method} pipeline to {args.output_dir}")
+        logger.info(f"Saved the {args.method} pipeline to {args.output_dir}")

@@ -5,7 +5,8 @@ denoiser's noise), and the run is cut into fixed batches of global indices `[0, 
 share out. So the files do not depend on the number of processes or the batch size, and each index is written by
 exactly one process. Runs unchanged under `accelerate launch` or `torchrun` (see the README). `--skip-existing`
 resumes an interrupted run (PNGs are written to a temporary name and renamed, so a file on disk is complete); the
-manifest, written first, guards against resuming with settings that would change the pixels.
+manifest, written first, guards against resuming with settings that would change the pixels. A folder that holds
+another run's images is refused unless `--overwrite` (which clears them) or `--skip-existing` is given.
 
 With `--data-parallel`, a data-holding denoiser's stored images are split across the processes instead
 ([`~diffusers_analytic.distributed.shard_for_data_parallel`]) and every process denoises every image; the main
@@ -14,61 +15,62 @@ process writes the files. The pixels are the same as with one process.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
-import math
+import logging
 import os
-
-import torch
-from diffusers.utils import logging, make_image_grid
-from PIL import Image
-from tqdm.auto import tqdm
+import re
 
 from .. import __version__
-from ..distributed import shard_for_data_parallel
-from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline, scheduler_from_denoiser
-from ..saving import write_json
-from ..schedulers import make_scheduler
-from ..utils.seeding import generators_for_indices
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)  # (the logger `diffusers.utils.logging.get_logger` gives, without the import)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("bfloat16", "float16", "float32")
+GRID_NAME, MANIFEST_NAME = "grid.png", "manifest.json"
+_IMAGE_NAME = re.compile(r"^(\d{6,})\.png$")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="generate images from a pipeline folder or Hub repo id",
-        description="Generate images; one PNG per image named by its zero-padded global index, plus grid.png.",
+        description="Generate images; one PNG per image named by its zero-padded global index, plus grid.png and "
+        "manifest.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("source", metavar="SRC", help="a local pipeline folder or a Hub repo id")
-    parser.add_argument("--num-images", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-inference-steps", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--num-images", type=int, default=16, help="how many images (indices 0 .. N-1)")
+    parser.add_argument("--seed", type=int, default=0, help="image i draws all its noise from (seed, i)")
+    parser.add_argument("--num-inference-steps", type=int, default=50, help="denoising steps per image")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="images per pipeline call (the files do not depend on it)"
+    )
+    parser.add_argument("--output-dir", required=True, help="the folder of the PNGs, grid.png and manifest.json")
     parser.add_argument(
         "--scheduler",
         default=None,
         help="a diffusers scheduler class name (UniPCMultistepScheduler, ...) or an alias: ddim, ddpm, pndm, lms, euler, "
         "euler_a, heun, dpm++2m, dpm++3m, sde-dpm++2m, dpm-single, dpm-sde, kdpm2, kdpm2_a, deis, unipc, sa-solver, "
-        "ddim-parallel, ddpm-parallel, flow-euler, flow-heun, edm-euler, edm-dpm++2m",
+        "ddim-parallel, ddpm-parallel, flow-euler, flow-heun, edm-euler, edm-dpm++2m (default: the folder's)",
     )
     parser.add_argument(
         "--karras", action="store_true", help="use Karras sigmas (use_karras_sigmas; EDM: sigma_schedule=karras)"
     )
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     parser.add_argument(
         "--class-label", type=int, default=None, help="generate this class (denoisers fitted with labels)"
     )
-    parser.add_argument("--skip-existing", action="store_true", help="do not regenerate images already on disk")
     parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: the process's accelerator or cpu)"
+        "--skip-existing", action="store_true", help="resume a run: keep the images already in --output-dir"
     )
     parser.add_argument(
-        "--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the denoiser's statistics"
+        "--overwrite", action="store_true", help="clear the images of another run in --output-dir first"
     )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, mps (default: the process's accelerator, else cpu)"
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the denoiser's statistics")
     parser.add_argument(
         "--tf32", action="store_true", help="allow TF32 matmuls on NVIDIA GPUs (faster, ~1e-3 relative error)"
     )
@@ -92,6 +94,8 @@ def _save_png(image, path: str) -> None:
 
 
 def run(args) -> None:
+    import torch
+
     # --tf32 is a process-wide switch; put it back afterwards (the CLI may be called in-process, e.g. by tests).
     previous_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
@@ -101,16 +105,30 @@ def run(args) -> None:
 
 
 def _generate(args) -> None:
-    from accelerate import PartialState  # heavy, and only `generate` needs it
+    import torch
+    from accelerate import PartialState
+    from diffusers.utils import logging as diffusers_logging
+    from tqdm.auto import tqdm
+
+    from ..distributed import shard_for_data_parallel
+    from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline, scheduler_from_denoiser
+    from ..saving import write_json
+    from ..schedulers import make_scheduler
+    from ..utils.seeding import generators_for_indices
+    from .common import resolve_device
 
     if args.num_images < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
         raise ValueError("--num-images, --batch-size and --num-inference-steps must be positive.")
-    use_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    if args.overwrite and args.skip_existing:
+        raise ValueError("--overwrite clears the old images and --skip-existing keeps them; pass one of the two.")
+    device = None if args.device is None else resolve_device(args.device)  # a ValueError naming the devices here
+    use_cpu = (device is not None and device.type == "cpu") or (args.device is None and not torch.cuda.is_available())
     state = PartialState(cpu=use_cpu)
     # `--device cuda` means this process's GPU (cuda:<local rank>), which the launcher assigned to `state.device`.
-    device = state.device if args.device in (None, "cuda") else torch.device(args.device)
+    if args.device in (None, "cuda"):
+        device = state.device
     if not state.is_main_process:
-        logging.set_verbosity_warning()
+        diffusers_logging.set_verbosity_warning()
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -125,15 +143,19 @@ def _generate(args) -> None:
         shard_for_data_parallel(pipe, state)
     pipe.unet.to(device)
     if args.dtype != "float32":
-        pipe.unet.to(_DTYPES[args.dtype])
-    pipe.set_progress_bar_config(disable=True)
+        pipe.unet.to(getattr(torch, args.dtype))
+    pipe.set_progress_bar_config(disable=True)  # ours below counts images x steps over the whole run
     manifest = _manifest(args, pipe)
     if args.skip_existing:
         _check_resumable(args.output_dir, manifest)
+    elif not args.overwrite:
+        _check_fresh(args.output_dir, manifest)
     state.wait_for_everyone()  # every process has read the old manifest before the main process replaces it
     if state.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        write_json(manifest, os.path.join(args.output_dir, "manifest.json"), default=str)
+        if args.overwrite:
+            _clear_run(args.output_dir)
+        write_json(manifest, os.path.join(args.output_dir, MANIFEST_NAME), default=str)
     state.wait_for_everyone()
 
     batches = [
@@ -144,9 +166,17 @@ def _generate(args) -> None:
     writes = state.is_main_process if args.data_parallel else True
     sharing = contextlib.nullcontext(batches) if args.data_parallel else state.split_between_processes(batches)
     with sharing as my_batches:
-        for indices in tqdm(my_batches, desc="Generating", unit="batch", disable=not state.is_main_process):
-            if args.skip_existing and all(os.path.exists(image_path(args.output_dir, i)) for i in indices):
-                continue
+        if args.skip_existing:
+            my_batches = [b for b in my_batches if not all(os.path.exists(image_path(args.output_dir, i)) for i in b)]
+        pipe.scheduler.set_timesteps(args.num_inference_steps)
+        steps = len(pipe.scheduler.timesteps)  # (Heun-type schedulers take more model calls than steps)
+        progress = tqdm(
+            total=steps * sum(len(indices) for indices in my_batches),
+            desc=f"Denoising {sum(map(len, my_batches))} images x {steps} steps",
+            unit="image-step",
+            disable=not state.is_main_process,
+        )
+        for indices in my_batches:
             labels = None if args.class_label is None else [args.class_label] * len(indices)
             images = pipe(
                 batch_size=len(indices),
@@ -155,15 +185,27 @@ def _generate(args) -> None:
                 eta=args.eta,
                 class_labels=labels,
                 output_type="pil",
+                callback_on_step_end=_advance(progress, len(indices)),
             ).images
             for index, image in zip(indices, images):
                 path = image_path(args.output_dir, index)
                 if writes and not (args.skip_existing and os.path.exists(path)):
                     _save_png(image, path)
+        progress.close()
     state.wait_for_everyone()
     if state.is_main_process:
         _write_grid(args)
         logger.info(f"Wrote {args.num_images} images to {args.output_dir}")
+
+
+def _advance(progress, count: int):
+    """A `callback_on_step_end` that moves the bar by `count` image-steps after every denoising step."""
+
+    def callback(pipe, step, timestep, tensors) -> dict:
+        progress.update(count)
+        return {}
+
+    return callback
 
 
 # What decides the pixels of image i (besides i): a resumed run must agree on all of it.
@@ -200,26 +242,102 @@ def _manifest(args, pipe) -> dict:
     }
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def pixel_differences(previous: dict, current: dict) -> list[str]:
+    """
+    `"key: old -> new"` for each setting that decides the pixels and differs between two manifests. Scheduler
+    configs are compared key by key, leaving out diffusers' private entries (`_use_default_values`, `_class_name`,
+    ...), which record how a config was written, not what it computes.
+    """
+    differences = []
+    for key in _RESUME_KEYS:
+        if key not in previous:
+            continue
+        if key == "scheduler_config" and isinstance(previous[key], dict):
+            old, new = ({k: v for k, v in c.items() if not k.startswith("_")} for c in (previous[key], current[key]))
+            differences += [
+                f"scheduler_config.{k}: {_short(old.get(k))} -> {_short(new.get(k))}"
+                for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)
+            ]
+        elif previous[key] != current[key]:
+            differences.append(f"{key}: {_short(previous[key])} -> {_short(current[key])}")
+    if len(differences) > 6:
+        differences = [*differences[:5], f"and {len(differences) - 5} more"]
+    return differences
+
+
+def _read_run(output_dir: str) -> tuple[dict | None, list[int]]:
+    """The manifest of the run in `output_dir` (None if there is none) and the indices of its images."""
+    if not os.path.isdir(output_dir):
+        return None, []
+    indices = sorted(int(m.group(1)) for m in map(_IMAGE_NAME.match, os.listdir(output_dir)) if m)
+    path = os.path.join(output_dir, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        return None, indices
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        previous = {}
+    return (previous if isinstance(previous, dict) else {}), indices
+
+
 def _check_resumable(output_dir: str, manifest: dict) -> None:
     """With --skip-existing, the images on disk must come from the same settings, else a ValueError naming them."""
-    path = os.path.join(output_dir, "manifest.json")
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        previous = json.load(f)
-    changed = [key for key in _RESUME_KEYS if key in previous and previous[key] != manifest[key]]
-    if changed:
-        details = ", ".join(f"{key}: {previous[key]!r} -> {manifest[key]!r}" for key in changed)
+    previous, _ = _read_run(output_dir)
+    differences = [] if previous is None else pixel_differences(previous, manifest)
+    if differences:
         raise ValueError(
-            f"--skip-existing would mix images of two different runs in {output_dir} ({details}); use another "
-            "--output-dir or the same settings."
+            f"--skip-existing would mix images of two different runs in {output_dir} ({'; '.join(differences)}); "
+            "use the same settings, --overwrite to replace the old images, or another --output-dir."
         )
 
 
+def _check_fresh(output_dir: str, manifest: dict) -> None:
+    """
+    Without --skip-existing or --overwrite, `output_dir` may hold only the same run (its files are then rewritten
+    identically): images of other settings, beyond --num-images or without a manifest are a ValueError.
+    """
+    previous, indices = _read_run(output_dir)
+    if previous is None and not indices:
+        return
+    if previous is None:
+        problem = f"{len(indices)} images without a {MANIFEST_NAME}"
+    else:
+        differences = pixel_differences(previous, manifest) or (
+            [f"num_images: {previous.get('num_images')} -> {manifest['num_images']}"]
+            if any(i >= manifest["num_images"] for i in indices)
+            else []
+        )
+        if not differences:
+            return
+        problem = f"the images of another run ({'; '.join(differences)})"
+    raise ValueError(
+        f"{output_dir} holds {problem}; pass --overwrite to replace them, --skip-existing to resume that run, or "
+        "choose another --output-dir."
+    )
+
+
+def _clear_run(output_dir: str) -> None:
+    """--overwrite: removes the images, grid and manifest of the previous run (other files stay)."""
+    for name in os.listdir(output_dir):
+        if _IMAGE_NAME.match(name) or name in (GRID_NAME, MANIFEST_NAME) or ".png.tmp-" in name:
+            os.remove(os.path.join(output_dir, name))
+
+
 def _write_grid(args) -> None:
+    from PIL import Image
+
+    from ..utils.images import image_grid
+
     shown = min(args.num_images, 64)
-    images = [Image.open(image_path(args.output_dir, i)).copy() for i in range(shown)]
-    cols = math.ceil(math.sqrt(shown))
-    rows = math.ceil(shown / cols)
-    images += [Image.new(images[0].mode, images[0].size)] * (rows * cols - shown)
-    _save_png(make_image_grid(images, rows=rows, cols=cols), os.path.join(args.output_dir, "grid.png"))
+    images = []
+    for i in range(shown):
+        with Image.open(image_path(args.output_dir, i)) as image:
+            images.append(image.copy())
+    _save_png(image_grid(images), os.path.join(args.output_dir, GRID_NAME))

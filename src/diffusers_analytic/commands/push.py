@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ..hub import push_folder
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -20,6 +18,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> None:
+    from ..hub import push_folder
+
     push_folder(
         args.folder,
         args.repo_id,

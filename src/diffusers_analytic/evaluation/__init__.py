@@ -11,6 +11,9 @@ noise (sample i from the generator of `(seed, i)`).
 - `comparison`: [`evaluate_on_trajectory`] (single step) and [`compare_with_trained`] (everything) -> [`Comparison`].
 - `calibration`: [`calibrate_patch_sizes`] -> [`Calibration`], an LS / ELS patch-size schedule from a trained model.
 - `files`: [`load_trained`] (a trained pipeline folder or repo id).
+- `metrics`: generated images against the training set: [`nearest_neighbors`], [`memorization`] (ratio test),
+  [`frechet_distance`], and [`evaluate_samples`] (all of them) -> [`SampleEvaluation`].
+- `features`: [`FeatureEncoder`], a `transformers` encoder (e.g. DINOv2) for FD and memorization in its features.
 
 The building blocks are separate so that other tools can run a trained trajectory once with [`trained_trajectory`]
 and score many candidate denoisers on it with [`evaluate_on_trajectory`], as [`calibrate_patch_sizes`] does.
@@ -18,7 +21,20 @@ and score many candidate denoisers on it with [`evaluate_on_trajectory`], as [`c
 
 from .calibration import Calibration, calibrate_patch_sizes
 from .comparison import Comparison, check_same_schedule, check_same_shape, compare_with_trained, evaluate_on_trajectory
+from .features import FeatureEncoder
 from .files import load_trained
+from .metrics import (
+    Memorization,
+    Neighbors,
+    SampleEvaluation,
+    evaluate_samples,
+    frechet_distance,
+    frechet_distance_from_statistics,
+    gaussian_statistics,
+    memorization,
+    nearest_neighbors,
+    nearest_other_distances,
+)
 from .scores import StepScores, mse_score, r2_score, score_steps
 from .trajectories import (
     Trajectory,
@@ -32,6 +48,10 @@ from .trajectories import (
 __all__ = [
     "Calibration",
     "Comparison",
+    "FeatureEncoder",
+    "Memorization",
+    "Neighbors",
+    "SampleEvaluation",
     "StepScores",
     "Trajectory",
     "analytic_trajectory",
@@ -41,8 +61,15 @@ __all__ = [
     "compare_with_trained",
     "ddim_scheduler_like",
     "evaluate_on_trajectory",
+    "evaluate_samples",
+    "frechet_distance",
+    "frechet_distance_from_statistics",
+    "gaussian_statistics",
     "load_trained",
+    "memorization",
     "mse_score",
+    "nearest_neighbors",
+    "nearest_other_distances",
     "r2_score",
     "score_steps",
     "trained_trajectory",

@@ -4,14 +4,13 @@ grid and the model card, saved atomically."""
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from collections.abc import Iterator
 
 import diffusers
 import PIL.Image
 import torch
-from diffusers.utils import logging, make_image_grid
+from diffusers.utils import logging
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -26,6 +25,7 @@ from ..data import (
 )
 from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline, scheduler_from_denoiser
 from ..saving import save_atomically
+from ..utils.images import image_grid
 from ..utils.seeding import generators_for_indices
 from .config import DENOISER_SCHEDULER_KEYS, HubConfig, denoiser_class_for, scheduler_class_and_kwargs
 from .model_card import CARD_NAME, SAMPLE_GRID_NAME, BuildInfo, render_model_card
@@ -148,7 +148,8 @@ def sample_grid(
 ) -> PIL.Image.Image:
     """
     A grid of `num_images` samples (image i seeded from `(seed, i)`, as `diffusers-analytic generate` does), upscaled
-    with nearest-neighbour so that small images stay visible: a PIL image at least `min_size` pixels wide.
+    with nearest-neighbour so that small images stay visible, with a gap between tiles: a PIL image at least
+    `min_size` pixels wide ([`~diffusers_analytic.utils.images.image_grid`], as `generate`'s grid.png).
     """
     images = pipeline(
         batch_size=num_images,
@@ -156,12 +157,7 @@ def sample_grid(
         num_inference_steps=num_inference_steps,
         output_type="pil",
     ).images
-    cols = math.ceil(math.sqrt(num_images))
-    rows = math.ceil(num_images / cols)
-    images += [PIL.Image.new(images[0].mode, images[0].size)] * (rows * cols - num_images)
-    grid = make_image_grid(images, rows=rows, cols=cols)
-    scale = max(1, math.ceil(min_size / grid.width))
-    return grid.resize((grid.width * scale, grid.height * scale), PIL.Image.Resampling.NEAREST)
+    return image_grid(images, min_width=min_size)
 
 
 def _versions() -> dict:

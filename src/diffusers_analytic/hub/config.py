@@ -40,7 +40,7 @@ from ..registry import DENOISERS
 from ..saving import is_repo_id
 
 # The methods a hub config may name: the registered denoisers that have a published repo per data set.
-HUB_METHODS = ("wiener", "optimal", "scfdm", "pca_locality", "nearest_dataset")
+HUB_METHODS = ("wiener", "optimal", "scfdm", "pca_locality", "nearest_dataset", "ls", "els")
 
 # Keys of a scheduler config that are the training noise schedule and prediction type: they go to the denoiser too.
 DENOISER_SCHEDULER_KEYS = (*SCHEDULE_KEYS, "prediction_type")

@@ -48,6 +48,21 @@ METHOD_CARD_TEXT = {
         "memorization baseline.",
         "the training images themselves (8-bit sources are stored as uint8)",
     ),
+    "ls": (
+        "Local score (LS) machine",
+        "Each output pixel is a posterior mean over the training images that sees only the k x k patch around it, "
+        "compared at the same location in every image (Kamb & Ganguli 2025); k grows with the noise level "
+        "following the authors' calibrated schedule (`patch_size_schedule`).",
+        "the training images themselves (8-bit sources are stored as uint8)",
+    ),
+    "els": (
+        "Equivariant local score (ELS) machine",
+        "Each output pixel is a posterior mean over every training patch from every location that sees only the k x k "
+        "patch around it (Kamb & Ganguli 2025), the closed form that predicts trained convolutional diffusion models; "
+        "`boundary_aware` border pixels see only training patches with the same border overflow, and k grows with "
+        "the noise level following the authors' calibrated schedule (`patch_size_schedule`).",
+        "the training images themselves (8-bit sources are stored as uint8); patches are cut on the fly",
+    ),
 }
 
 # A Jinja template (huggingface_hub's `ModelCard.from_template`); `card_data` is the YAML metadata.
@@ -61,7 +76,8 @@ CARD_TEMPLATE = """\
 A training-free ("analytic") diffusion model: no network was trained. {{ summary }}
 
 The denoiser (`{{ denoiser_class }}`) takes the place of a trained UNet inside a diffusers pipeline, so it runs with \
-any diffusers scheduler of the same noise schedule. Built with diffusers-analytic (`pip install diffusers-analytic`).
+any diffusers scheduler of the same noise schedule. Built with diffusers-analytic, which is not on \
+PyPI: install it from a clone of its repository (`pip install -e ./diffusers-analytic`).
 
 **Paper:** [{{ paper.title }}]({{ paper.url }}) ({{ paper.authors }}, {{ paper.year }}).
 
@@ -75,7 +91,7 @@ any diffusers scheduler of the same noise schedule. Built with diffusers-analyti
 ## Usage
 
 ```python
-# pip install diffusers-analytic
+# pip install -e ./diffusers-analytic   (a clone of the diffusers-analytic repository; it is not on PyPI)
 import torch
 from diffusers_analytic import AnalyticDDIMPipeline
 

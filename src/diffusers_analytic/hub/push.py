@@ -6,6 +6,7 @@ import os
 
 from diffusers.utils import logging
 from huggingface_hub import create_branch, create_repo, upload_folder
+from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
 
 from .. import __version__
 from ..saving import MODEL_INDEX_NAME, VERSION_KEY, read_model_index
@@ -75,18 +76,57 @@ def push_folder(
     if not os.path.isfile(os.path.join(folder, CARD_NAME)):
         logger.warning(f"{folder} has no {CARD_NAME}: the repo will have no model card (`build` writes one).")
     message = commit_message or default_commit_message(folder)
-    create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
-    if revision is not None and revision != "main":
-        create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
-    commit = upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        commit_message=message,
-        token=token,
-        repo_type="model",
-        revision=revision,
-        create_pr=create_pr,
-        ignore_patterns=[".tmp-*", "*.tmp", ".cache/*"],
-    )
+    try:
+        create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+        if revision is not None and revision != "main":
+            create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
+        commit = upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=message,
+            token=token,
+            repo_type="model",
+            revision=revision,
+            create_pr=create_pr,
+            ignore_patterns=[".tmp-*", "*.tmp", ".cache/*"],
+        )
+    except Exception as error:
+        problem = hub_failure(error, f"push {folder} to {repo_id}")
+        if problem is None:
+            raise
+        raise problem from error
     logger.info(f"Pushed {folder} to https://huggingface.co/{repo_id}")
     return commit
+
+
+def hub_failure(error: Exception, action: str) -> OSError | None:
+    """
+    A one-line `ConnectionError` / `PermissionError` saying why `action` could not reach the Hub and what to do
+    (network, `HF_HUB_OFFLINE`, `huggingface-cli login`), or None when `error` is not a network or auth failure.
+    """
+    cause = " ".join(f"{type(error).__name__}: {error}".split())
+    if len(cause) > 200:
+        cause = cause[:197] + "..."
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, OfflineModeIsEnabled):
+        return ConnectionError(
+            f"Cannot {action}: offline mode is on (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE to push."
+        )
+    if isinstance(error, LocalTokenNotFoundError) or status in (401, 403):
+        return PermissionError(
+            f"Cannot {action}: the Hub refused the credentials ({cause}); log in with `huggingface-cli login` (or "
+            "pass --token) with a token that may write to this repo."
+        )
+    network = isinstance(error, (ConnectionError, TimeoutError)) or type(error).__module__.split(".")[0] in (
+        "httpx",
+        "httpx2",
+        "httpcore",
+        "requests",
+        "urllib3",
+    )
+    if network and status is None:
+        return ConnectionError(
+            f"Cannot {action}: the Hub is unreachable ({cause}); check the network, or set HF_HUB_OFFLINE=1 to work "
+            "offline and push later."
+        )
+    return None

@@ -26,7 +26,7 @@ import torch
 from . import empirical_cpu
 from .online_softmax import OnlineSoftmax
 from .schedule import MIN_BETA_PROD
-from .stored_images import image_chunks, piece_size, storage_affine
+from .stored_images import ANY_CLASS, image_chunks, piece_size, storage_affine
 
 
 def logit_coefficients(
@@ -57,7 +57,7 @@ def _other_class(labels, class_labels, start: int, stop: int) -> torch.Tensor | 
     """`[B, n]`: True where image i (of start..stop) is not of row b's requested class; None without classes."""
     if class_labels is None:
         return None
-    return labels[None, start:stop] != class_labels[:, None]
+    return (labels[None, start:stop] != class_labels[:, None]) & (class_labels != ANY_CLASS)[:, None]
 
 
 def posterior_mean(
@@ -85,7 +85,7 @@ def posterior_mean(
         chunk_size (`int`): images per chunk (the logits of a chunk, `[B, chunk_size]`, are the extra memory).
         temperature (`float`): tau > 0; 1 is the exact posterior.
         labels, class_labels (`torch.Tensor`, *optional*): stored labels `[N]` and one label per row `[B]`: row b's
-            posterior is restricted to the images of its class.
+            posterior is restricted to the images of its class (not for a row labelled `ANY_CLASS`).
         reduce_softmax (`callable`, *optional*): applied to the online-softmax state before its result (a
             data-parallel shard all-reduces it there).
         cpu_fast_path (`bool`, defaults to `True`): on a CPU, compute through `kernels.empirical_cpu`.

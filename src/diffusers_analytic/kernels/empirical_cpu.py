@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 
 from .online_softmax import OnlineSoftmax, exp_weights_
-from .stored_images import piece_size
+from .stored_images import ANY_CLASS, piece_size
 
 SMALL_BATCH = 32  # batches up to this many rows split the images into blocks, one per torch thread
 MIN_IMAGES_PER_BLOCK = 1024  # ... when every block gets at least this many images
@@ -73,7 +73,8 @@ class _Blocks:
         """`[G, B, n]`, True where image i's label differs from row b's requested class; None without classes."""
         if class_labels is None:
             return None
-        return self.labels[:, None, start:stop] != class_labels[None, :, None]
+        other = self.labels[:, None, start:stop] != class_labels[None, :, None]
+        return other & (class_labels != ANY_CLASS)[None, :, None]
 
     def logits(self, query, neg_c2, class_labels, start: int, stop: int) -> torch.Tensor:
         """logits_i = query . r_i - c2 ||y'_i||^2 for images start..stop of every block, `[G, B, n]` (-inf off-class)."""

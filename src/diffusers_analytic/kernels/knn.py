@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from diffusers.utils import logging
 
-from .stored_images import buffer_key, image_chunks
+from .stored_images import CacheLock, buffer_key, image_chunks
 
 logger = logging.get_logger(__name__)
 
@@ -78,10 +78,11 @@ def build_index(
 class NeighborIndex:
     """
     Lazily built FAISS indices over a stored image buffer: one over all images, and one per class when samples are
-    restricted to their class. Rebuilt when the buffer changes.
+    restricted to their class. Rebuilt when the buffer changes; built once when threads race.
     """
 
     def __init__(self):
+        self._lock = CacheLock()
         self._key = None
         self._indices: dict = {}
 
@@ -102,17 +103,10 @@ class NeighborIndex:
         indices into the full buffer, -1 where fewer than k were found (IVF, or a class with fewer than k images);
         with `class_labels`, among the images of each sample's class.
         """
-        key = buffer_key(images)
-        if key != self._key:
-            self._indices, self._key = {}, key
         groups = [None] if class_labels is None else sorted(set(class_labels.tolist()))
         found = torch.full((len(queries), k), -1, dtype=torch.int64)
         for group in groups:
-            if group not in self._indices:
-                members = None if group is None else torch.nonzero(labels.cpu() == group).flatten()
-                index = build_index(images, chunk_size, index_type, ivf_threshold, ivf_nprobe, members)
-                self._indices[group] = (index, members)
-            index, members = self._indices[group]
+            index, members = self._index(group, images, labels, chunk_size, index_type, ivf_threshold, ivf_nprobe)
             rows = (
                 torch.arange(len(queries)) if group is None else torch.nonzero(class_labels.cpu() == group).flatten()
             )
@@ -123,6 +117,18 @@ class NeighborIndex:
                 neighbours = torch.where(neighbours >= 0, members[neighbours.clamp(min=0)], neighbours)
             found[rows, :group_k] = neighbours
         return found.to(images.device)
+
+    def _index(self, group, images, labels, chunk_size, index_type, ivf_threshold, ivf_nprobe):
+        """`(index, member indices or None)` of one class (`group`; None = all images), built at first use."""
+        key = buffer_key(images)
+        with self._lock:
+            if key != self._key:
+                self._indices, self._key = {}, key
+            if group not in self._indices:
+                members = None if group is None else torch.nonzero(labels.cpu() == group).flatten()
+                index = build_index(images, chunk_size, index_type, ivf_threshold, ivf_nprobe, members)
+                self._indices[group] = (index, members)
+            return self._indices[group]
 
 
 def check_neighbor_config(num_neighbors: int | None, num_images: int, faiss_index: str) -> None:

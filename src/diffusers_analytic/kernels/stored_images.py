@@ -8,12 +8,16 @@ data and 4x smaller than float32.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import torch
 
 from ..data import iter_image_batches, to_model_space
 
+# A class label that restricts a row to no class (real labels are never this value): classifier-free guidance runs the
+# unconditional and the class-conditional rows of a batch in one pass over the images.
+ANY_CLASS = torch.iinfo(torch.int64).min
 STORAGE_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
 # A piece of images as float32 is about this many bytes: a CPU core's L2 cache (pieces are read twice while in
 # cache); an accelerator takes large pieces, where small GEMMs would only add kernel launches.
@@ -100,16 +104,36 @@ def buffer_key(images: torch.Tensor) -> tuple:
     return (images.data_ptr(), images.device, images.dtype, tuple(images.shape), version)
 
 
+class CacheLock:
+    """
+    The lock of a lazily built cache, so that two threads making the first call at once build it once and never see
+    it half built. Re-entrant; a copy or a pickle of its owner gets a fresh lock (threading locks cannot be copied).
+    """
+
+    def __init__(self):
+        self._lock = threading.RLock()
+
+    def __enter__(self):
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc_info):
+        return self._lock.__exit__(*exc_info)
+
+    def __reduce__(self):
+        return (CacheLock, ())
+
+
 class StoredImageStats:
     """
     Statistics of a stored image buffer that are derived, not saved: the data mean mu `[D]` and the centred squared
     norms ||y_i - mu||^2 `[N]`, both accumulated in float64 and kept as float32 on the images' device.
 
     Recomputed lazily whenever the buffer changes (a new tensor after `from_pretrained` / `.to(device)`, or an
-    in-place write), so they never go stale and never enter the safetensors file.
+    in-place write), so they never go stale and never enter the safetensors file. Safe when threads race.
     """
 
     def __init__(self):
+        self._lock = CacheLock()
         self._key = None
         self.mean: torch.Tensor | None = None  # mu             [D]
         self.sq_norms: torch.Tensor | None = None  # ||y'_i||^2  [N]
@@ -118,14 +142,17 @@ class StoredImageStats:
 
     def pin_mean(self, images: torch.Tensor, chunk_size: int) -> None:
         """Keeps the mean of `images` (all of them) for later calls on a shard of them (a data-parallel shard)."""
-        self.get(images, chunk_size)
-        self.pinned_mean, self._key = self._mean64.cpu(), None
+        with self._lock:
+            self.get(images, chunk_size)
+            self.pinned_mean, self._key = self._mean64.cpu(), None
 
     def get(self, images: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`(mean [D], sq_norms [N])` of `images` `[N, C, H, W]`, computed at first use after a change."""
         key = buffer_key(images)
         chunk_size = min(chunk_size, 512)  # (float64 copies of a chunk: keep them small)
-        if key != self._key:
+        with self._lock:
+            if key == self._key:
+                return self.mean, self.sq_norms
             if self.pinned_mean is not None:
                 mean64 = self.pinned_mean.to(images.device)
             else:
@@ -137,7 +164,7 @@ class StoredImageStats:
             for start, chunk in image_chunks(images, chunk_size):
                 sq_norms[start : start + len(chunk)] = (chunk.double() - mean64).square().sum(dim=1).float()
             self.mean, self.sq_norms, self._key, self._mean64 = mean64.float(), sq_norms, key, mean64
-        return self.mean, self.sq_norms
+            return self.mean, self.sq_norms
 
 
 def piece_size(device: torch.device, chunk_size: int, images: torch.Tensor) -> int:
@@ -172,17 +199,21 @@ class PieceReader:
 class StoredImageMean:
     """
     The mean of a stored image buffer `[N, C, H, W]` (float64 sum, kept float32), per pixel `[C, H, W]` or per
-    channel `[C]`; recomputed lazily when the buffer changes (load, `.to()`, in-place write), never saved.
+    channel `[C]`; recomputed lazily when the buffer changes (load, `.to()`, in-place write), never saved. Safe when
+    threads race.
     """
 
     def __init__(self, per_channel: bool):
+        self._lock = CacheLock()
         self.per_channel = per_channel
         self._key = None
         self._mean: torch.Tensor | None = None
 
     def get(self, images: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
         key = buffer_key(images)
-        if key != self._key:
+        with self._lock:
+            if key == self._key:
+                return self._mean
             total = torch.zeros(images.shape[1:], dtype=torch.float64, device=images.device)
             for start in range(0, len(images), chunk_size):
                 total += to_model_space(images[start : start + chunk_size], torch.float64).sum(dim=0)
@@ -190,4 +221,4 @@ class StoredImageMean:
             if self.per_channel:
                 mean = mean.mean(dim=(1, 2))  # [C]
             self._mean, self._key = mean.float(), key
-        return self._mean
+            return self._mean

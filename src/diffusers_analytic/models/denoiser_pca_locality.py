@@ -15,7 +15,7 @@ from ..kernels.empirical import posterior_mean
 from ..kernels.moments import eigen_decomposition, fit_moments
 from ..kernels.online_softmax import OnlineSoftmax
 from ..kernels.schedule import MIN_BETA_PROD
-from ..kernels.stored_images import STORAGE_DTYPES, buffer_key, image_chunks
+from ..kernels.stored_images import STORAGE_DTYPES, CacheLock, buffer_key, image_chunks
 from .modeling_analytic import check_finite_positive
 from .pca_mask import LocalityMask, locality_tiles, pca_locality_mask
 from .stored_images import StoredImagesMixin
@@ -118,6 +118,7 @@ class PCALocalityDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
         self.register_buffer("eigvals", torch.zeros(dim))  # lam [D]
         self._register_image_storage(num_images, storage_dtype, has_labels)  # images [N, C, H, W], labels [N]
         self._mask_cache: OrderedDict = OrderedDict()
+        self._mask_lock = CacheLock()  # two threads at a new noise level build its mask once
 
     @classmethod
     def from_dataset(
@@ -170,20 +171,21 @@ class PCALocalityDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
             buffer_key(self.eigvecs),
             buffer_key(self.eigvals),
         )
-        cached = self._mask_cache.get(key)
-        if cached is not None:
-            self._mask_cache.move_to_end(key)
-            return cached
-        eigvecs, eigvals = self.eigvecs, self.eigvals
-        if eigvecs.device.type == "mps":  # no float64 there: build the mask on the CPU
-            eigvecs, eigvals = eigvecs.cpu(), eigvals.cpu()
-        mask = pca_locality_mask(eigvecs, eigvals, float(alpha_prod), float(self.config.mask_threshold))
-        mask = mask.to(self.eigvecs.device)
-        entry = self._prepare_mask(mask, batch_size)
-        self._mask_cache[key] = entry
-        while len(self._mask_cache) > self.mask_cache_size:
-            self._mask_cache.popitem(last=False)
-        return entry
+        with self._mask_lock:
+            cached = self._mask_cache.get(key)
+            if cached is not None:
+                self._mask_cache.move_to_end(key)
+                return cached
+            eigvecs, eigvals = self.eigvecs, self.eigvals
+            if eigvecs.device.type == "mps":  # no float64 there: build the mask on the CPU
+                eigvecs, eigvals = eigvecs.cpu(), eigvals.cpu()
+            mask = pca_locality_mask(eigvecs, eigvals, float(alpha_prod), float(self.config.mask_threshold))
+            mask = mask.to(self.eigvecs.device)
+            entry = self._prepare_mask(mask, batch_size)
+            self._mask_cache[key] = entry
+            while len(self._mask_cache) > self.mask_cache_size:
+                self._mask_cache.popitem(last=False)
+            return entry
 
     def _prepare_mask(self, mask: torch.Tensor, batch_size: int = 8, **tiling) -> LocalityMask:
         """A mask `[D, D]` (bool or float) with its tiles (see [`~models.pca_mask.locality_tiles`])."""

@@ -7,6 +7,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging
 
+from ..data import DATA_SOURCE_KEYWORDS
 from ..kernels.moments import eigen_decomposition, fit_moments
 from .modeling_analytic import AnalyticDenoiserMixin
 
@@ -73,13 +74,9 @@ class WienerDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             batch_size (`int`, defaults to 256): images per streamed batch.
             show_progress (`bool`, defaults to `True`): a tqdm bar while fitting.
             **config: `rank`, the schedule, `prediction_type`; data-source options `image_column`, `resolution`,
-                `channels`; `sample_size` / `in_channels` are read from the data.
+                `channels`, `value_range`; `sample_size` / `in_channels` are read from the data.
         """
-        data_kwargs = {
-            k: config.pop(k)
-            for k in ("image_column", "label_column", "resolution", "channels", "labels")
-            if k in config
-        }
+        data_kwargs = {k: config.pop(k) for k in DATA_SOURCE_KEYWORDS if k in config}
         moments, shape = fit_moments(images, batch_size=batch_size, show_progress=show_progress, **data_kwargs)
         denoiser = cls(**cls._config_for_data(shape, config))
         eigvecs, eigvals, floor = eigen_decomposition(moments.covariance(), denoiser.config.rank)

@@ -26,6 +26,16 @@ from ..kernels.schedule import MIN_BETA_PROD, alphas_cumprod_from_schedule
 logger = logging.get_logger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# `from_pretrained` keywords that say where config.json is (read first, to check the saved class).
+_CONFIG_LOCATION_KEYWORDS = (
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "token",
+    "local_files_only",
+    "revision",
+    "subfolder",
+)
 
 
 @dataclass
@@ -217,6 +227,33 @@ class AnalyticDenoiserMixin:
         """The distinct class labels this denoiser can condition on; None when it stores no labels."""
         labels = getattr(self, "labels", None)
         return None if labels is None else torch.unique(labels.cpu())
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""
+        diffusers' `ModelMixin.from_pretrained`, refusing what would give a denoiser with uninitialised statistics: a
+        folder whose `config.json` names another class (a ValueError naming the saved class and the loader to use),
+        or weights that lack a buffer this class needs (a ValueError naming them). Takes diffusers' keywords.
+        """
+        location = {key: kwargs[key] for key in _CONFIG_LOCATION_KEYWORDS if kwargs.get(key) is not None}
+        saved_class = cls.load_config(pretrained_model_name_or_path, **location).get("_class_name")
+        if saved_class is not None and saved_class != cls.__name__:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} was saved by {saved_class} (the `_class_name` of its config.json), "
+                f"not {cls.__name__}; load it with `{saved_class}.from_pretrained`, or a whole pipeline folder with "
+                "`AnalyticDDIMPipeline.from_pretrained`."
+            )
+        wants_info = kwargs.pop("output_loading_info", False)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
+        if info.get("missing_keys"):
+            raise ValueError(
+                f"The weights in {pretrained_model_name_or_path} lack {sorted(info['missing_keys'])}, which "
+                f"{cls.__name__} needs; the folder is incomplete or was saved by another class: save the fitted "
+                "denoiser again with `save_pretrained`."
+            )
+        return (model, info) if wants_info else model
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()

@@ -9,15 +9,13 @@ from typing import Any
 import torch
 from diffusers.utils import logging
 
+from ..data import DATA_SOURCE_KEYWORDS
 from ..kernels.online_softmax import OnlineSoftmax
 from ..kernels.reductions import all_reduce_nearest, all_reduce_online_softmaxes
 from ..kernels.stored_images import StoredImageStats, collect_images, image_storage
 from .modeling_analytic import AnalyticDenoiserMixin
 
 logger = logging.get_logger(__name__)
-
-# `from_dataset` keywords that describe the data source rather than the denoiser.
-DATA_SOURCE_KEYWORDS = ("image_column", "label_column", "resolution", "channels", "labels")
 
 
 @dataclass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,6 +83,17 @@ def schedule_mismatch(denoiser, scheduler) -> str | None:
             "from the denoiser's schedule, e.g. `DDIMScheduler(**{k: denoiser.config[k] for k in (...)})`."
         )
     return None
+
+
+def _check_call_arguments(batch_size, num_inference_steps, eta, output_type) -> None:
+    """A ValueError naming the argument of a pipeline call that has no meaning (before any noise is drawn)."""
+    for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"`eta` must be a finite number >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}.")
+    if output_type not in ("pil", "np", "pt", "latent"):
+        raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
 
 
 def scheduler_from_denoiser(denoiser, scheduler_class=DDIMScheduler, **kwargs):
@@ -202,8 +215,7 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
             [`AnalyticPipelineOutput`] or `tuple`: the images first, then (with `return_intermediates`) the
             trajectories and timesteps.
         """
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        _check_call_arguments(batch_size, num_inference_steps, eta, output_type)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} images.")
         problem = schedule_mismatch(self.unet, self.scheduler)  # the scheduler may have been swapped since __init__
