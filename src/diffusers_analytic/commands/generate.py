@@ -62,6 +62,12 @@ def register(subparsers) -> None:
         "--class-label", type=int, default=None, help="generate this class (denoisers fitted with labels)"
     )
     parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance w with --class-label: eps_all + w (eps_class - eps_all) (default: none, i.e. 1)",
+    )
+    parser.add_argument(
         "--skip-existing", action="store_true", help="resume a run: keep the images already in --output-dir"
     )
     parser.add_argument(
@@ -184,6 +190,7 @@ def _generate(args) -> None:
                 num_inference_steps=args.num_inference_steps,
                 eta=args.eta,
                 class_labels=labels,
+                guidance_scale=args.guidance_scale,
                 output_type="pil",
                 callback_on_step_end=_advance(progress, len(indices)),
             ).images
@@ -216,6 +223,7 @@ _RESUME_KEYS = (
     "scheduler_config",
     "eta",
     "class_label",
+    "guidance_scale",
     "source",
     "revision",
     "denoiser",
@@ -233,6 +241,7 @@ def _manifest(args, pipe) -> dict:
         "scheduler_config": json.loads(json.dumps(dict(pipe.scheduler.config), default=str)),
         "eta": args.eta,
         "class_label": args.class_label,
+        "guidance_scale": args.guidance_scale,
         "source": args.source,
         "revision": args.revision,
         "denoiser": type(pipe.unet).__name__,

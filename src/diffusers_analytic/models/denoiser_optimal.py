@@ -57,6 +57,7 @@ class OptimalDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
     """
 
     supports_data_parallel = True
+    guides_in_one_pass = True
 
     @register_to_config
     def __init__(

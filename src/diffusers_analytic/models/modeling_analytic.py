@@ -263,6 +263,7 @@ class AnalyticDenoiserMixin:
         timestep: int | float | torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
         class_labels: torch.Tensor | list[int] | None = None,
+        guidance_scale: float | None = None,
     ) -> torch.Tensor:
         r"""
         The denoiser's estimate of the clean image, x0_hat = E[x_0 | x_t].
@@ -277,11 +278,17 @@ class AnalyticDenoiserMixin:
                 Randomness for methods that draw noise; a list gives each sample its own stream.
             class_labels (`torch.Tensor` or `list[int]`, *optional*):
                 One label per sample, for denoisers fitted with labels: restricts the posterior to that class.
+            guidance_scale (`float`, *optional*):
+                Classifier-free guidance w with `class_labels`: x0_hat = x0_all + w (x0_class - x0_all), where x0_all
+                is the unconditional posterior mean (all stored images) and x0_class the class-conditional one. The
+                same combination of the epsilon predictions, eps_all + w (eps_class - eps_all), since eps is affine in
+                x0_hat at a fixed x_t. `None` or 1 is the class-conditional result, 0 the unconditional one. Methods
+                that draw noise use the same draws for both terms.
 
         Returns:
             `torch.Tensor`: x0_hat, same shape, dtype and device as `sample`.
         """
-        return self._predict(sample, timestep, generator, class_labels)[0]
+        return self._predict(sample, timestep, generator, class_labels, guidance_scale=guidance_scale)[0]
 
     @torch.no_grad()
     def forward(
@@ -291,6 +298,7 @@ class AnalyticDenoiserMixin:
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
         class_labels: torch.Tensor | list[int] | None = None,
+        guidance_scale: float | None = None,
     ) -> AnalyticDenoiserOutput | tuple:
         r"""
         Drop-in replacement for a UNet's forward: returns the prediction of the config's `prediction_type`.
@@ -303,7 +311,9 @@ class AnalyticDenoiserMixin:
             return_dict (`bool`, *optional*, defaults to `True`):
                 Return an [`AnalyticDenoiserOutput`] (a `UNet2DOutput` with `pred_original_sample`) or a tuple.
         """
-        x0_hat, x_t, alpha_prod, beta_prod = self._predict(sample, timestep, generator, class_labels, keep=True)
+        x0_hat, x_t, alpha_prod, beta_prod = self._predict(
+            sample, timestep, generator, class_labels, keep=True, guidance_scale=guidance_scale
+        )
         prediction = self.prediction_from_x0(x0_hat, x_t, alpha_prod, beta_prod).to(sample.dtype)
         x0_hat = x0_hat.to(sample.dtype)
         if not return_dict:
@@ -333,18 +343,25 @@ class AnalyticDenoiserMixin:
             return (x_t - sqrt_alpha * x0_hat) / sqrt_beta
         return (sqrt_alpha * x_t - x0_hat) / sqrt_beta  # v_prediction
 
-    def _predict(self, sample, timestep, generator, class_labels, keep: bool = False):
+    def _predict(self, sample, timestep, generator, class_labels, keep: bool = False, guidance_scale=None):
         self._check_sample(sample)
         batch_size = sample.shape[0]
         alpha_prod, beta_prod = self.alpha_prod_at(timestep, batch_size)
         labels = self._check_class_labels(class_labels, batch_size)
+        guidance_scale = _check_guidance_scale(guidance_scale, labels)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} samples.")
         x_t = sample.to(torch.float32)
         schedule_dtype = torch.float32 if x_t.device.type == "mps" else torch.float64
         alpha_prod = alpha_prod.to(x_t.device, schedule_dtype)
         beta_prod = beta_prod.to(x_t.device, schedule_dtype)
-        x0_hat = self._denoise(x_t, alpha_prod, beta_prod, generator=generator, class_labels=labels)
+        if guidance_scale is None or guidance_scale == 1.0:  # (w = 1: the class-conditional result itself)
+            x0_hat = self._denoise(x_t, alpha_prod, beta_prod, generator=generator, class_labels=labels)
+        elif guidance_scale == 0.0:  # (w = 0: the unconditional result itself)
+            x0_hat = self._denoise(x_t, alpha_prod, beta_prod, generator=generator, class_labels=None)
+        else:
+            x0_all, x0_class = self._denoise_guided(x_t, alpha_prod, beta_prod, generator, labels)
+            x0_hat = x0_all + guidance_scale * (x0_class - x0_all)
         if keep:
             return x0_hat, x_t, alpha_prod, beta_prod
         return (x0_hat.to(sample.dtype),)
@@ -352,6 +369,38 @@ class AnalyticDenoiserMixin:
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None) -> torch.Tensor:
         """The closed form: x0_hat for float32 `x_t` `[B, C, H, W]`, float64 `alpha_prod_t`, `beta_prod_t` `[B]`."""
         raise NotImplementedError
+
+    def _denoise_guided(self, x_t, alpha_prod_t, beta_prod_t, generator, class_labels):
+        """
+        `(x0_all, x0_class)` for classifier-free guidance: two calls of `_denoise`, the second replaying the first's
+        random draws (the generators' states are restored in between, so they end where one call leaves them).
+        Denoisers whose posterior allows it override this with one pass over their data.
+        """
+        if generator is None:  # one stream for both calls, seeded from torch's default generator (as a draw would be)
+            generator = torch.Generator(x_t.device).manual_seed(int(torch.randint(2**62, ())))
+        generators = generator if isinstance(generator, list) else [generator]
+        states = [g.get_state() for g in generators]
+        x0_class = self._denoise(x_t, alpha_prod_t, beta_prod_t, generator=generator, class_labels=class_labels)
+        for g, state in zip(generators, states):
+            g.set_state(state)
+        x0_all = self._denoise(x_t, alpha_prod_t, beta_prod_t, generator=generator, class_labels=None)
+        return x0_all, x0_class
+
+
+def _check_guidance_scale(guidance_scale, class_labels) -> float | None:
+    """`guidance_scale` as a float (or None); a ValueError without class labels or for a non-finite value."""
+    if guidance_scale is None:
+        return None
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise ValueError(f"`guidance_scale` must be a number, got {type(guidance_scale).__name__}.")
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"`guidance_scale` must be finite, got {guidance_scale}.")
+    if class_labels is None:
+        raise ValueError(
+            "`guidance_scale` needs `class_labels`: guidance moves the class-conditional prediction away from the "
+            "unconditional one; pass the class of each sample."
+        )
+    return float(guidance_scale)
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

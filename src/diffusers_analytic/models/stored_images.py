@@ -12,7 +12,7 @@ from diffusers.utils import logging
 from ..data import DATA_SOURCE_KEYWORDS
 from ..kernels.online_softmax import OnlineSoftmax
 from ..kernels.reductions import all_reduce_nearest, all_reduce_online_softmaxes
-from ..kernels.stored_images import StoredImageStats, collect_images, image_storage
+from ..kernels.stored_images import ANY_CLASS, StoredImageStats, collect_images, image_storage
 from .modeling_analytic import AnalyticDenoiserMixin
 
 logger = logging.get_logger(__name__)
@@ -48,6 +48,9 @@ class StoredImagesMixin(AnalyticDenoiserMixin):
 
     #: Whether [`keep_image_shard`] applies: the denoiser reduces its partial results with `_reduce_*`.
     supports_data_parallel = False
+    #: Whether classifier-free guidance runs in one pass: the denoiser's `_denoise` takes rows labelled `ANY_CLASS`
+    #: (the unconditional posterior is the class one without the class mask).
+    guides_in_one_pass = False
 
     def _register_image_storage(self, num_images: int, storage_dtype: str, has_labels: bool) -> None:
         self.register_buffer("images", image_storage(num_images, self.sample_shape, storage_dtype))  # y [N, C, H, W]
@@ -93,6 +96,15 @@ class StoredImagesMixin(AnalyticDenoiserMixin):
         if self._shard is not None:
             return self._shard_labels  # every class of the whole data set, not only this shard's
         return super()._known_labels()
+
+    def _denoise_guided(self, x_t, alpha_prod_t, beta_prod_t, generator, class_labels):
+        if not self.guides_in_one_pass or self.config.get("num_neighbors") is not None:
+            return super()._denoise_guided(x_t, alpha_prod_t, beta_prod_t, generator, class_labels)
+        # The batch twice, the first copy restricted to no class: one pass over the images for both terms.
+        rows = torch.cat([torch.full_like(class_labels, ANY_CLASS), class_labels])
+        twice = lambda values: torch.cat([values, values])  # noqa: E731
+        x0_hat = self._denoise(twice(x_t), twice(alpha_prod_t), twice(beta_prod_t), generator, class_labels=rows)
+        return x0_hat.chunk(2)
 
     # ------------------------------------------------------------------ data parallelism
     @property

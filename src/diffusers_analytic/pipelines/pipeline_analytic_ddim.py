@@ -170,6 +170,7 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
         return_dict: bool = True,
         return_intermediates: bool = False,
         class_labels: torch.Tensor | list[int] | int | None = None,
+        guidance_scale: float | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         exact_sigmas: bool = True,
@@ -190,6 +191,9 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
             return_intermediates (`bool`, defaults to `False`): also return x_t, x0_hat and t at every step.
             class_labels (`int`, `list[int]` or `torch.Tensor`, *optional*): one label per image (or one for all),
                 for denoisers fitted with labels.
+            guidance_scale (`float`, *optional*): classifier-free guidance w with `class_labels`: the denoiser's
+                prediction is eps_all + w (eps_class - eps_all) (unconditional: all stored images). `None` or 1 is
+                the class-conditional result, 0 the unconditional one; w > 1 pushes samples further into the class.
             callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, i, t, callback_kwargs)` after
                 every step, with the tensors named in `callback_on_step_end_tensor_inputs` (default `["latents"]`; also
                 `"model_output"`, the prediction handed to the scheduler, and `"x0_hat"`);
@@ -239,7 +243,13 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
             # 3. The denoiser on the VP sample x_t, at the timestep of the scheduler's noise level.
             model_input = self._scale_model_input(latents, t)
             view = adapter.view(latents, model_input, t, i)
-            output = self.unet(view.sample, view.timestep, class_labels=class_labels, generator=generator)
+            output = self.unet(
+                view.sample,
+                view.timestep,
+                class_labels=class_labels,
+                generator=generator,
+                guidance_scale=guidance_scale,
+            )
             if return_intermediates:
                 trajectory_xt.append(view.sample.cpu())
                 trajectory_x0.append(output.pred_original_sample.cpu())
