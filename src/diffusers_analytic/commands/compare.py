@@ -124,7 +124,7 @@ def _to_pil(images, upscale: int):
     import torch
     from PIL import Image
 
-    array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    array = ((images.cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     out = []
     for image in array:
         pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
