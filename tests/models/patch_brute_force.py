@@ -79,6 +79,29 @@ def els_brute_force(x_t, images, a: float, k: int, padding: str, boundary_aware:
     return out
 
 
+def els_valid_patches_brute_force(x_t, images, a: float, k: int, padding: str = "circular") -> torch.Tensor:
+    """
+    The authors' circular ELS machine (`LocalEquivScoreModule` of github.com/Kambm/convolutional_diffusion) from its
+    definition: the patch around each pixel of x_t padded circularly (or with zeros), against every valid patch of
+    every training image, cut at each top-left corner (u, v) with u <= H - k, v <= W - k (no wrap-around); the value of
+    a patch is its centre pixel.
+    """
+    x, y = x_t.double(), model_space(images)
+    height, width = x.shape[-2:]
+    r = k // 2
+    patches, centers = [], []
+    for u in range(height - k + 1):
+        for v in range(width - k + 1):
+            patches.append(y[:, :, u : u + k, v : v + k].reshape(len(y), -1))  # [N, C k k]
+            centers.append(y[:, :, u + r, v + r])  # [N, C]
+    patches, centers = torch.cat(patches), torch.cat(centers)
+    out = torch.zeros_like(x)
+    for py in range(height):
+        for px in range(width):
+            out[:, :, py, px] = posterior_weights(patch(x, py, px, k, padding), patches, a) @ centers
+    return out
+
+
 def optimal_brute_force(x_t, images, a: float) -> torch.Tensor:
     """The optimal (empirical Bayes) posterior mean over whole images, float64."""
     x, y = x_t.double().flatten(1), model_space(images).flatten(1)

@@ -9,7 +9,13 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 import diffusers_analytic as da
-from tests.models.patch_brute_force import els_brute_force, model_space, optimal_brute_force, relative_error
+from tests.models.patch_brute_force import (
+    els_brute_force,
+    els_valid_patches_brute_force,
+    model_space,
+    optimal_brute_force,
+    relative_error,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +59,53 @@ def test_matches_float64_brute_force(data, name, padding, boundary_aware, k, t):
     assert relative_error(den.denoise(x, t), reference) <= 1e-4
 
 
+@pytest.mark.parametrize("k, t", [(1, 100), (3, 50), (3, 400), (5, 250), (7, 700)])
+@pytest.mark.parametrize("shape", [(8, 8), (9, 7)], ids=["8x8", "9x7"])
+def test_circular_valid_patches_match_the_authors_circular_machine(k, t, shape):
+    # Random images and queries, float64 brute force of LocalEquivScoreModule's definition (top-left corners, loops).
+    g = torch.Generator().manual_seed(k + t)
+    images = torch.rand(13, 2, *shape, generator=g) * 2 - 1
+    den = da.EquivariantLocalScoreDenoiser.from_dataset(
+        images, patch_size_schedule=k, padding="circular", training_patches="valid", chunk_size=50
+    )
+    assert den.config.training_patches == "valid"
+    assert den.num_training_patches(k) == 13 * (shape[0] - k + 1) * (shape[1] - k + 1)
+    a = den.alphas_cumprod[t].item()
+    x = (math.sqrt(a) * images[:3] + math.sqrt(1 - a) * torch.randn(3, 2, *shape, generator=g)).float()
+    assert relative_error(den.denoise(x, t), els_valid_patches_brute_force(x, images, a, k)) <= 1e-5
+
+
+def test_circular_valid_patches_differ_from_wrapped_and_cap_the_size(data):
+    images = data["crops"]
+    valid = da.EquivariantLocalScoreDenoiser.from_dataset(
+        images, patch_size_schedule=9, padding="circular", training_patches="valid"
+    )
+    wrapped = da.EquivariantLocalScoreDenoiser.from_dataset(images, patch_size_schedule=9, padding="circular")
+    assert wrapped.config.training_patches == "wrapped" and wrapped.patch_size_at(300) == [9]
+    assert valid.patch_size_at(300) == [7]  # 8x8 images have no valid 9x9 patch
+    a = valid.alphas_cumprod[300].item()
+    x = noisy(data["crops_queries"][:2], a, seed=2)
+    reference = els_valid_patches_brute_force(x, images, a, 7)
+    assert relative_error(valid.denoise(x, 300), reference) <= 1e-5
+    assert relative_error(wrapped.denoise(x, 300), reference) > 0.05
+
+
+def test_training_patches_is_saved_and_loaded(data, tmp_path):
+    den = da.EquivariantLocalScoreDenoiser.from_dataset(
+        data["digits"], patch_size_schedule=3, padding="circular", training_patches="valid"
+    )
+    den.save_pretrained(tmp_path / "els")
+    loaded = da.EquivariantLocalScoreDenoiser.from_pretrained(tmp_path / "els")
+    assert loaded.config.training_patches == "valid" and loaded.config.padding == "circular"
+    x = noisy(data["digits_queries"][:2], 0.5, seed=4)
+    torch.testing.assert_close(loaded.denoise(x, 300), den.denoise(x, 300), rtol=0, atol=0)
+    zeros = da.EquivariantLocalScoreDenoiser.from_dataset(data["digits"], patch_size_schedule=3)
+    assert zeros.config.training_patches == "valid"
+
+
 def test_zero_padded_size_beyond_the_image_is_capped(data):
     # 8x8 images have no valid 9x9 patch: k is capped at 7, the largest odd size with one.
-    den = da.EquivariantLocalScoreDenoiser.from_dataset(data["digits"], patch_size_schedule=9)
+    den = da.EquivariantLocalScoreDenoiser.from_dataset(data["digits"], patch_size_schedule=9, boundary_aware=False)
     assert den.patch_size_at(300) == [7] and den.num_training_patches(9) == 8 * 4
     a = den.alphas_cumprod[300].item()
     x = noisy(data["digits_queries"][:2], a, seed=0)
@@ -121,6 +171,10 @@ def test_class_labels_restrict_to_the_class(digits):
 def test_bad_config_is_a_clear_error(data):
     with pytest.raises(ValueError, match="zero padding"):
         da.EquivariantLocalScoreDenoiser.from_dataset(data["digits"], padding="circular", boundary_aware=True)
+    with pytest.raises(ValueError, match="'wrapped' needs padding='circular'"):
+        da.EquivariantLocalScoreDenoiser.from_dataset(data["digits"], training_patches="wrapped")
+    with pytest.raises(ValueError, match="`training_patches` must be one of"):
+        da.EquivariantLocalScoreDenoiser.from_dataset(data["digits"], padding="circular", training_patches="all")
     with pytest.raises(ValueError, match="strictly decreasing"):
         da.EquivariantLocalScoreDenoiser.from_dataset(data["digits"], patch_size_schedule=[[0.0, 3], [1.0, 5]])
 

@@ -1,6 +1,8 @@
-"""Patch-size schedules: the presets reproduce the authors' 20-step sizes at their own noise levels, and a denoiser
-maps integer and fractional timesteps of several schedulers to the k of their log-SNR."""
+"""Patch-size schedules: the presets reproduce the authors' 20-step sizes at their own noise levels, a denoiser maps
+integer and fractional timesteps of several schedulers to the k of their log-SNR, and `from_dataset` chooses the
+documented schedule for the image size (and the boundary-aware ELS with zero padding) unless told otherwise."""
 
+import logging
 import math
 
 import pytest
@@ -10,17 +12,23 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 import diffusers_analytic as da
 from diffusers_analytic.models.patch_schedule import (
     PATCH_SIZE_PRESETS,
+    default_patch_size_schedule,
     patch_sizes_at,
     resolve_patch_size_schedule,
     schedule_from_steps,
 )
 
-PAPER = {
+PAPER = {  # the scales files of github.com/Kambm/convolutional_diffusion, files/scales_*.pt
     "cifar10_unet": [3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 13, 13, 15, 17, 25],
     "cifar10_resnet": [3, 3, 3, 3, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 11, 13, 15, 17, 17, 17],
+    "cifar10_resnet_circular": [3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15, 15],
     "mnist_unet": [3, 3, 3, 5, 5, 7, 7, 7, 9, 9, 9, 11, 13, 15, 17, 21, 23, 23, 25, 27],
+    "mnist_resnet": [3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 11, 11, 13, 15, 15, 15, 15, 15],
+    "mnist_resnet_circular": [3, 3, 5, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 11, 9, 9, 7, 7, 3, 3],
     "fashion_mnist_unet": [3, 3, 5, 5, 7, 7, 7, 9, 11, 11, 11, 13, 15, 15, 21, 23, 25, 25, 25, 25],
+    "fashion_mnist_resnet": [3, 3, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 13, 13, 15, 15, 15, 17, 17],
     "celeba_unet": [3, 3, 3, 3, 3, 3, 3, 5, 5, 5, 5, 5, 7, 7, 9, 9, 9, 13, 19, 27],
+    "celeba_resnet": [3, 3, 3, 5, 5, 5, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 15, 19, 19],
 }
 
 
@@ -109,3 +117,41 @@ def test_invalid_schedules_are_clear_errors():
     for schedule, message in cases:
         with pytest.raises(ValueError, match=message):
             resolve_patch_size_schedule(schedule)
+
+
+def test_default_schedule_of_the_image_size():
+    assert default_patch_size_schedule(8, 8)[0] == "mnist_unet"  # below the 28-32 px calibration: sizes in pixels
+    assert default_patch_size_schedule(25, 25)[0] == "mnist_unet"
+    assert default_patch_size_schedule(8, 40)[0] == "mnist_unet"  # the shorter side decides
+    assert default_patch_size_schedule(28, 28)[0] == "cifar10_unet"
+    assert default_patch_size_schedule(32, 32)[0] == "cifar10_unet"
+    scaled, why = default_patch_size_schedule(64, 64)  # cifar10_unet's sizes doubled, to the nearest odd size
+    assert [k for _, k in scaled] == [7, 7, 7, 7, 11, 11, 11, 11, 15, 15, 15, 15, 19, 19, 23, 27, 27, 31, 35, 51]
+    assert [b for b, _ in scaled] == [b for b, _ in PATCH_SIZE_PRESETS["cifar10_unet"]] and "x 2" in why
+    assert resolve_patch_size_schedule(scaled)  # a valid config value
+
+
+def test_from_dataset_chooses_the_schedule_of_the_image_size_and_logs_it(digits, caplog, tmp_path):
+    with caplog.at_level(logging.INFO, logger="diffusers_analytic"):
+        ls = da.LocalScoreDenoiser.from_dataset(digits.images[:20])
+    assert ls.config.patch_size_schedule == "mnist_unet"
+    assert "patch_size_schedule='mnist_unet'" in caplog.text and "8 px" in caplog.text
+    els = da.EquivariantLocalScoreDenoiser.from_dataset(digits.images[:20])
+    assert els.config.patch_size_schedule == "mnist_unet" and els.config.boundary_aware is True
+    patches = da.load_builtin("patches", size=32, num_images=4, seed=0, channels=3)
+    for cls in (da.LocalScoreDenoiser, da.EquivariantLocalScoreDenoiser):
+        assert cls.from_dataset(patches).config.patch_size_schedule == "cifar10_unet"
+    els.save_pretrained(tmp_path / "els")  # the chosen values are in the config: a reload reproduces them
+    loaded = da.EquivariantLocalScoreDenoiser.from_pretrained(tmp_path / "els")
+    assert loaded.config.patch_size_schedule == "mnist_unet" and loaded.config.boundary_aware is True
+
+
+def test_explicit_settings_win(digits):
+    images = digits.images[:20]
+    assert da.LocalScoreDenoiser.from_dataset(images, patch_size_schedule=5).config.patch_size_schedule == 5
+    els = da.EquivariantLocalScoreDenoiser.from_dataset(
+        images, patch_size_schedule="celeba_unet", boundary_aware=False
+    )
+    assert els.config.patch_size_schedule == "celeba_unet" and els.config.boundary_aware is False
+    circular = da.EquivariantLocalScoreDenoiser.from_dataset(images, padding="circular")
+    assert circular.config.boundary_aware is False and circular.config.training_patches == "wrapped"

@@ -10,6 +10,26 @@ import torch
 # around (any radius, also r >= H). Positions are flat indices p = y * W + x of the un-padded image.
 PATCH_PADDINGS = ("zeros", "circular")
 
+# Which training patches the ELS machine compares a query patch with, per padding (the first is the default):
+# "wrapped" = all H W patches of the circularly padded image, "valid" = the (H - k + 1) (W - k + 1) patches that lie
+# inside the image. Zero padding has only "valid" (boundary_aware then changes what border pixels see).
+TRAINING_PATCHES = {"circular": ("wrapped", "valid"), "zeros": ("valid",)}
+
+
+def resolve_training_patches(padding: str, training_patches: str | None) -> str:
+    """`training_patches` checked against `padding` (None -> that padding's default); a ValueError names the fix."""
+    if padding not in PATCH_PADDINGS:
+        raise ValueError(f"`padding` must be one of {PATCH_PADDINGS}, got {padding!r}.")
+    allowed = TRAINING_PATCHES[padding]
+    if training_patches is None:
+        return allowed[0]
+    if training_patches not in allowed:
+        fix = "; 'wrapped' needs padding='circular'" if training_patches == "wrapped" else ""
+        raise ValueError(
+            f"`training_patches` must be one of {list(allowed)} with padding={padding!r}, got {training_patches!r}{fix}."
+        )
+    return training_patches
+
 
 def pad_images(images: torch.Tensor, radius: int, padding: str) -> torch.Tensor:
     """`[..., H, W]` -> `[..., H + 2 r, W + 2 r]`, zero or circular (wrapping as often as needed) padding."""
@@ -52,16 +72,22 @@ def image_patches(padded: torch.Tensor, patch_size: int, positions: torch.Tensor
 
 
 def patch_position_groups(
-    height: int, width: int, patch_size: int, padding: str, boundary_aware: bool
+    height: int,
+    width: int,
+    patch_size: int,
+    padding: str,
+    boundary_aware: bool,
+    training_patches: str | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """
     Which training patches each query pixel's patch is compared with in the ELS machine: a list of
-    `(query positions, training positions)` pairs of flat pixel indices. Training patches come from every stored
-    image at every training position of the pair.
+    `(query positions, training positions)` pairs of flat pixel indices (a position is a patch's centre). Training
+    patches come from every stored image at every training position of the pair.
 
-    - `"circular"`: one group; every pixel against the patches at all H W positions (wrapped).
-    - `"zeros"`: one group; every pixel (its patch padded with zeros) against the valid patches, those that lie
-      inside the image: (H - k + 1) (W - k + 1) positions.
+    - `"circular"`, `training_patches="wrapped"` (its default): one group; every pixel against the patches at all
+      H W positions (wrapped).
+    - `"circular"`, `training_patches="valid"`, or `"zeros"`: one group; every pixel (its patch padded circularly, or
+      with zeros) against the valid patches, those that lie inside the image: (H - k + 1) (W - k + 1) positions.
     - `"zeros"` with `boundary_aware`: pixels are grouped by how far their window overflows each border, the pair
       (top, bottom) overflow per row, max(0, r - y) and max(0, y + r - (H - 1)), and likewise per column. A pixel is
       compared with the patches of the zero-padded training images at the positions of its own group: interior
@@ -69,7 +95,12 @@ def patch_position_groups(
       that edge anywhere along it, a corner pixel with the patches at that corner only.
     """
     radius = patch_size // 2
-    if padding == "circular":
+    training_patches = resolve_training_patches(padding, training_patches)
+    if boundary_aware and padding != "zeros":
+        raise ValueError(
+            f"`boundary_aware=True` needs zero padding (circular images have no border), got {padding!r}."
+        )
+    if training_patches == "wrapped":
         everywhere = torch.arange(height * width)
         return [(everywhere, everywhere)]
 
@@ -86,7 +117,7 @@ def patch_position_groups(
         if valid_rows is None or valid_cols is None:
             raise ValueError(
                 f"Patch size {patch_size} has no valid (in-image) patch in a {height}x{width} image; use a size <= "
-                f"{min(height, width)}, circular padding or boundary_aware=True."
+                f"{min(height, width)}, wrapped circular patches or boundary_aware=True."
             )
         valid = (torch.tensor(valid_rows)[:, None] * width + torch.tensor(valid_cols)[None, :]).reshape(-1)
         return [(torch.arange(height * width), valid)]

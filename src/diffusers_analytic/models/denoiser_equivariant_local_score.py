@@ -10,11 +10,11 @@ from diffusers.configuration_utils import register_to_config
 from ..data import to_model_space
 from ..kernels.online_softmax import OnlineSoftmax
 from ..kernels.patches import (
-    PATCH_PADDINGS,
     image_patches,
     pad_images,
     patch_logit_coefficients,
     patch_position_groups,
+    resolve_training_patches,
 )
 from ..kernels.stored_images import StoredImageMean
 from .patch_schedule import PatchMachineMixin
@@ -29,17 +29,40 @@ class EquivariantLocalScoreDenoiser(PatchMachineMixin, ModelMixin, ConfigMixin):
 
         w_p(j) = softmax_j( -||P_p(x_t) - sqrt(a) q_j||^2 / (2 (1 - a)) ),   x0_hat[p] = sum_j w_p(j) center(q_j)
 
-    P_p(x_t) is the k x k patch (all channels) around p of x_t padded by r = k // 2 (`padding`). The training patches:
+    P_p(x_t) is the k x k patch (all channels) around p of x_t padded by r = k // 2 (`padding`). The training patches
+    (`training_patches`, and `boundary_aware` with zero padding):
 
-    - `padding="circular"`: all H W (wrapped) patches of each image. The machine commutes with circular shifts.
-    - `padding="zeros"`: the (H - k + 1) (W - k + 1) valid patches (inside the image) of each image. A k larger
-      than the image has no valid patch and is capped at the largest odd size <= min(H, W).
+    - `padding="circular"`, `training_patches="wrapped"` (the default with circular padding): all H W (wrapped)
+      patches of each image. The machine commutes with circular shifts.
+    - `padding="circular"`, `training_patches="valid"`: the query is padded circularly, the training patches are the
+      (H - k + 1) (W - k + 1) valid patches (inside the image, no wrap-around) of each image.
+    - `padding="zeros"`: the valid patches of each image.
     - `padding="zeros"`, `boundary_aware=True` (the paper's best variant for zero-padded networks): a pixel is
       grouped by how far its window overflows each border, per row (max(0, r - y), max(0, y + r - (H - 1))) and
       likewise per column, and compared only with patches of the zero-padded training images at positions of the
       same group: interior pixels with all valid patches, a pixel at distance d from one edge with the patches at
-      distance d from that edge anywhere along it, a corner pixel with the patches at that corner. With
-      k >= 2 max(H, W) - 1 every pixel is its own group and the machine equals the LS machine.
+      distance d from that edge anywhere along it, a corner pixel with the patches at that corner. From
+      k >= max(H, W) on every pixel is its own group and the machine equals the LS machine.
+
+    With valid patches only, a k larger than the image has no training patch and is capped at the largest odd size
+    <= min(H, W).
+
+    Which of the authors' machines (github.com/Kambm/convolutional_diffusion, `utils/idealscore.py`) and networks each
+    variant models:
+
+    - `padding="zeros", boundary_aware=True`: `LocalEquivBordersScoreModule` ("bbELS"), their zero-padded ResNets
+      and UNets (presets `*_unet`, `*_resnet`).
+    - `padding="circular", training_patches="valid"`: `LocalEquivScoreModule` ("ELS"), their circular-padding
+      ResNets (presets `mnist_resnet_circular`, `cifar10_resnet_circular`).
+    - `padding="circular", training_patches="wrapped"`: the exactly translation-equivariant machine of a
+      circular-padding network on the torus; not one of the authors' machines.
+    - `padding="zeros"` without `boundary_aware`: valid patches for every pixel; not one of the authors' machines.
+
+    A reproduction of their code should not copy two details: in `LocalEquivBordersScoreModule` the interior values
+    `x[:, None:, ...]` are a slice, not a new axis, so the result is right only for a batch of one query; and
+    `LocalEquivScoreModule` adds up `torch.mean` over the patches of each loader batch of images, which weights the
+    patches of a short last batch (and, with a class label, of every batch holding fewer images of that class) more
+    than the others. Here one softmax runs over all training patches, whatever `chunk_size` and the batch size.
 
     Computation (exact): with a per-channel data mean m subtracted from the padded query (scaled by sqrt(a)) and
     from the patches, the distance is unchanged and ||P_p(x')||^2 cancels per pixel, so the logits are
@@ -59,8 +82,12 @@ class EquivariantLocalScoreDenoiser(PatchMachineMixin, ModelMixin, ConfigMixin):
             (`"cifar10_unet"`, `"cifar10_resnet"`, `"mnist_unet"`, `"fashion_mnist_unet"`, `"celeba_unet"`,
             `"default"`), or `[[log_snr, k], ...]` breakpoints, low noise first (see `patch_schedule`).
         padding (`str`, defaults to `"zeros"`): `"zeros"` or `"circular"`.
+        training_patches (`str`, *optional*): which training patches a pixel is compared with: `"wrapped"` (circular
+            padding only, its default) or `"valid"` (the default, and only choice, with zero padding). The resolved
+            value is written into the config.
         boundary_aware (`bool`, defaults to `False`): with zero padding, match border patches only with training
-            patches from the same border position (rule above).
+            patches from the same border position (rule above). `from_dataset` turns it on with zero padding unless
+            it is given.
         chunk_size (`int`, defaults to 4096): training patches per streamed chunk; the extra memory is
             O(B * H * W * chunk_size) floats.
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
@@ -80,6 +107,7 @@ class EquivariantLocalScoreDenoiser(PatchMachineMixin, ModelMixin, ConfigMixin):
         patch_size_schedule: int | str | list = "cifar10_unet",
         padding: str = "zeros",
         boundary_aware: bool = False,
+        training_patches: str | None = None,
         chunk_size: int = 4096,
         num_train_timesteps: int = 1000,
         beta_start: float = 0.0001,
@@ -91,12 +119,12 @@ class EquivariantLocalScoreDenoiser(PatchMachineMixin, ModelMixin, ConfigMixin):
     ):
         super().__init__()
         self._init_analytic()
-        if padding not in PATCH_PADDINGS:
-            raise ValueError(f"`padding` must be one of {PATCH_PADDINGS}, got {padding!r}.")
         if boundary_aware and padding != "zeros":
             raise ValueError(
                 f"`boundary_aware=True` needs zero padding (circular images have no border), got {padding!r}."
             )
+        # Checks `padding` too; the resolved value goes into the config, so a saved machine names its patches.
+        self.register_to_config(training_patches=resolve_training_patches(padding, training_patches))
         self._init_patch_machine()  # checks the schedule and chunk size; buffers `images` [N, C, H, W], `labels` [N]
         self._mean = StoredImageMean(per_channel=True)
         self._groups: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -116,29 +144,46 @@ class EquivariantLocalScoreDenoiser(PatchMachineMixin, ModelMixin, ConfigMixin):
                 float32; or `"uint8"`, `"float16"`, `"float32"`.
             show_progress (`bool`, defaults to `True`): accepted for the same signature as the other denoisers;
                 storing is one pass over the data, without a progress bar.
-            **config: `patch_size_schedule`, `padding`, `boundary_aware`, `chunk_size`, the schedule,
-                `prediction_type`; data-source options `labels`, `image_column`, `label_column`, `resolution`,
-                `channels`.
+            **config: `patch_size_schedule`, `padding`, `boundary_aware`, `training_patches`, `chunk_size`, the
+                schedule, `prediction_type`; data-source options `labels`, `image_column`, `label_column`,
+                `resolution`, `channels`.
+
+        Settings left out are chosen from the data, written into the config and logged (explicit keywords win): the
+        patch-size schedule of the image size (`patch_schedule.default_patch_size_schedule`: `"mnist_unet"` below
+        28 px, `"cifar10_unet"` at 28-32 px, cifar10_unet's sizes scaled by S / 32 above), and with zero padding
+        `boundary_aware=True` (valid patches alone give textures, even on 8x8 digits).
         """
         name = "an equivariant local score (ELS) machine"
-        return cls._from_stored_images(images, batch_size, storage_dtype, config, name)
+        return cls._fit_patch_machine(images, batch_size, storage_dtype, config, name)
+
+    @classmethod
+    def _data_defaults(cls, config: dict) -> tuple[dict, list[str]]:
+        # The patch-size schedule of the image size; with zero padding, the boundary-aware rule unless the caller
+        # chose: valid patches alone send every border pixel to interior patches (textures, even on 8x8 digits).
+        chosen, notes = super()._data_defaults(config)
+        if config.get("padding", "zeros") == "zeros" and "boundary_aware" not in config:
+            chosen["boundary_aware"] = True
+            notes.append("boundary_aware=True (zero padding: the authors' machine for zero-padded networks)")
+        return chosen, notes
 
     def effective_patch_size(self, patch_size: int) -> int:
         height, width = self.image_size
-        if self.config.padding == "zeros" and not self.config.boundary_aware:
+        if self.config.training_patches == "valid" and not self.config.boundary_aware:
             # No valid patch exists beyond the image size: the largest odd size that fits.
             largest = min(height, width) if min(height, width) % 2 == 1 else min(height, width) - 1
             return min(patch_size, largest)
         if self.config.padding == "zeros":
-            # Every pixel is its own group from 2 max(H, W) - 1 on; larger sizes only add zeros to every patch.
+            # Every pixel is its own group from max(H, W) on, and from 2 max(H, W) - 1 on every window covers the
+            # image: larger sizes only add zeros to every patch.
             return min(patch_size, 2 * max(height, width) - 1)
         return patch_size
 
     def position_groups(self, patch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`(query positions, training positions)` pairs for patch size k (see `patch_position_groups`)."""
         if patch_size not in self._groups:
+            config = self.config
             self._groups[patch_size] = patch_position_groups(
-                *self.image_size, patch_size, self.config.padding, self.config.boundary_aware
+                *self.image_size, patch_size, config.padding, config.boundary_aware, config.training_patches
             )
         return self._groups[patch_size]
 
@@ -170,7 +215,8 @@ class EquivariantLocalScoreDenoiser(PatchMachineMixin, ModelMixin, ConfigMixin):
         for start in range(0, len(self.images), images_per_chunk):
             stored = self.images[start : start + images_per_chunk].to(device)
             chunk = to_model_space(stored)  # y  [n, C, H, W]
-            # 2. Training patches q'_j of the chunk's images (padded by the same rule, then centred) and their centres.
+            # 2. Training patches q'_j of the chunk's images (padded by the same rule, then centred; valid patches never
+            #    reach the padding) and their centres.
             chunk_patches = image_patches(
                 pad_images(chunk, radius, config.padding) - mean, patch_size
             )  # [n, H W, C k k]

@@ -98,8 +98,12 @@ class LocalScoreDenoiser(PatchMachineMixin, ModelMixin, ConfigMixin):
                 storing is one pass over the data, without a progress bar.
             **config: `patch_size_schedule`, `padding`, `chunk_size`, the schedule, `prediction_type`; data-source
                 options `labels`, `image_column`, `label_column`, `resolution`, `channels`.
+
+        Settings left out are chosen from the data, written into the config and logged (explicit keywords win): the
+        patch-size schedule of the image size (`patch_schedule.default_patch_size_schedule`: `"mnist_unet"` below
+        28 px, `"cifar10_unet"` at 28-32 px, cifar10_unet's sizes scaled by S / 32 above).
         """
-        return cls._from_stored_images(images, batch_size, storage_dtype, config, "a local score (LS) machine")
+        return cls._fit_patch_machine(images, batch_size, storage_dtype, config, "a local score (LS) machine")
 
     def effective_patch_size(self, patch_size: int) -> int:
         # With zero padding a window of 2 max(H, W) - 1 already covers the image from every pixel; larger sizes only

@@ -12,10 +12,11 @@ A config may also hold a constant `int` k, or the name of a preset (`PATCH_SIZE_
 The presets are the authors' calibrated sizes for their 20-step cosine schedule, abar(s) = cos^2((s / 1.008) pi / 2),
 s = i / 20, step i = 0 (lowest noise) .. 19 (highest). Step i owns the s-interval [(i - 1/2) / 20, (i + 1/2) / 20), so
 its breakpoint is lambda_i = log-SNR at s = (i + 1/2) / 20: each step's own noise level falls inside its interval,
-and the boundary between two steps lies halfway between them in s.
+and the boundary between two steps lies halfway between them in s. They were calibrated on 32x32 images;
+`default_patch_size_schedule` picks one for any image size when `from_dataset` is given none.
 
-`PatchMachineMixin` (end of this file) is the plumbing the LS and ELS denoisers share: stored images, k per sample
-from the schedule, and a fixed-k entry point for calibration.
+`PatchMachineMixin` (end of this file) is the plumbing the LS and ELS denoisers share: stored images, settings chosen
+from the data in `from_dataset`, k per sample from the schedule, and a fixed-k entry point for calibration.
 """
 
 from __future__ import annotations
@@ -23,19 +24,34 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.utils import logging
 
 from .modeling_analytic import check_positive_int
 from .stored_images import StoredImagesMixin
 
-# The authors' 20-step sizes per step i = 0 (lowest noise) .. 19 (highest), arXiv 2412.20292.
+logger = logging.get_logger(__name__)
+
+# The authors' 20-step sizes per step i = 0 (lowest noise) .. 19 (highest), arXiv 2412.20292, from the scales files of
+# github.com/Kambm/convolutional_diffusion (`files/scales_<data>_<network>_<padding>.pt`), all calibrated on 32x32
+# images (MNIST and Fashion-MNIST resized from 28). `*_unet` and `*_resnet` are zero-padded networks (model them
+# with the boundary-aware ELS), `*_circular` circular-padding ResNets (ELS with circular padding, valid patches).
 _PAPER_PATCH_SIZES = {
     "cifar10_unet": [3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 13, 13, 15, 17, 25],
     "cifar10_resnet": [3, 3, 3, 3, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 11, 13, 15, 17, 17, 17],
+    "cifar10_resnet_circular": [3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15, 15],
     "mnist_unet": [3, 3, 3, 5, 5, 7, 7, 7, 9, 9, 9, 11, 13, 15, 17, 21, 23, 23, 25, 27],
+    "mnist_resnet": [3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 11, 11, 13, 15, 15, 15, 15, 15],
+    "mnist_resnet_circular": [3, 3, 5, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 11, 9, 9, 7, 7, 3, 3],
     "fashion_mnist_unet": [3, 3, 5, 5, 7, 7, 7, 9, 11, 11, 11, 13, 15, 15, 21, 23, 25, 25, 25, 25],
+    "fashion_mnist_resnet": [3, 3, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 13, 13, 15, 15, 15, 17, 17],
     "celeba_unet": [3, 3, 3, 3, 3, 3, 3, 5, 5, 5, 5, 5, 7, 7, 9, 9, 9, 13, 19, 27],
+    "celeba_resnet": [3, 3, 3, 5, 5, 5, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 15, 19, 19],
 }
 DEFAULT_PATCH_SIZE_SCHEDULE = "cifar10_unet"
+# The image sizes (shorter side, pixels) the presets are taken as calibrated at, and the preset `from_dataset` picks
+# for smaller images (see `default_patch_size_schedule`).
+CALIBRATED_SIZES = (28, 32)
+SMALL_IMAGE_PATCH_SIZE_SCHEDULE = "mnist_unet"
 _PAPER_NUM_STEPS = 20
 _COSINE_OFFSET = 1.008
 
@@ -117,6 +133,40 @@ def patch_sizes_at(schedule: list[tuple[float, int]], alpha_prod: torch.Tensor, 
     return sizes
 
 
+def scale_patch_size_schedule(schedule, factor: float) -> list[list[float]]:
+    """
+    A schedule (preset name or `[[log_snr, k], ...]`) with every size multiplied by `factor` and rounded to the
+    nearest odd size (ties up, at least 1); the breakpoints do not move.
+    """
+    return [[log_snr, 2 * math.floor(k * factor / 2) + 1] for log_snr, k in resolve_patch_size_schedule(schedule)]
+
+
+def default_patch_size_schedule(height: int, width: int) -> tuple[str | list[list[float]], str]:
+    """
+    The schedule `from_dataset` chooses for `height` x `width` images when none is given, and why (for the log).
+    With S = min(height, width):
+
+    - S < 28: `"mnist_unet"`, sizes in pixels (each machine caps them at the image). A patch posterior is as sharp as
+      the patch has pixels, so shrinking the sizes with the image leaves 1-3 pixel patches that identify nothing
+      (8x8 digits turn to noise); of the presets, mnist_unet reaches whole-image patches soonest, which keeps the
+      layout of small images (digits at 8x8, faces at 25x25).
+    - 28 <= S <= 32 (the calibration size): `"cifar10_unet"`, the class default.
+    - S > 32: cifar10_unet's sizes times S / 32 (a network for larger images has proportionally larger receptive
+      fields): breakpoints as a list.
+    """
+    size = min(height, width)
+    if size < CALIBRATED_SIZES[0]:
+        why = f"the shorter side {size} px is below the presets' {CALIBRATED_SIZES[0]}-{CALIBRATED_SIZES[1]} px"
+        return SMALL_IMAGE_PATCH_SIZE_SCHEDULE, why
+    if size <= CALIBRATED_SIZES[1]:
+        return DEFAULT_PATCH_SIZE_SCHEDULE, f"{size} px is the presets' calibration size"
+    factor = size / CALIBRATED_SIZES[1]
+    schedule = scale_patch_size_schedule(DEFAULT_PATCH_SIZE_SCHEDULE, factor)
+    sizes = [k for _, k in schedule]
+    why = f"{DEFAULT_PATCH_SIZE_SCHEDULE}'s sizes x {factor:.3g} for {size} px (k = {min(sizes)} .. {max(sizes)})"
+    return schedule, why
+
+
 def schedule_from_steps(log_snrs: list[float], patch_sizes: list[int], clip: float = 40.0) -> list[list[float]]:
     """
     A schedule that gives `patch_sizes[s]` at the noise level `log_snrs[s]` of each step s of a reverse process, in any
@@ -157,6 +207,35 @@ class PatchMachineMixin(StoredImagesMixin):
     one k and may cap k in `effective_patch_size`. Use it first among the bases:
     `class LocalScoreDenoiser(PatchMachineMixin, ModelMixin, ConfigMixin)`.
     """
+
+    @classmethod
+    def _fit_patch_machine(cls, images, batch_size: int, storage_dtype: str, config: dict, name: str):
+        """
+        `from_dataset` of a patch machine: reads the images, completes the settings the caller left out from the
+        data (`_data_defaults`; written into the config and logged), builds the machine and copies the images in.
+        """
+        stored, labels, config = cls._read_images_for_storage(images, batch_size, storage_dtype, config)
+        chosen, notes = cls._data_defaults(config)
+        denoiser = cls(**config, **chosen)
+        denoiser._copy_stored_images(stored, labels)
+        logger.info(f"Stored {len(stored)} images ({config['storage_dtype']}) in {name}.")
+        if notes:
+            logger.info(f"Chosen from the data: {'; '.join(notes)}. Pass these keywords to choose others.")
+        return denoiser
+
+    @classmethod
+    def _data_defaults(cls, config: dict) -> tuple[dict, list[str]]:
+        """
+        `(settings, notes)`: the settings `from_dataset` chooses from the data for the keywords `config` lacks, and a
+        note on each for the log; here the patch-size schedule of the image size (`default_patch_size_schedule`).
+        """
+        if "patch_size_schedule" in config:
+            return {}, []
+        size = config["sample_size"]
+        height, width = (size, size) if isinstance(size, int) else size
+        schedule, why = default_patch_size_schedule(height, width)
+        shown = repr(schedule) if isinstance(schedule, str) else "a list"
+        return {"patch_size_schedule": schedule}, [f"patch_size_schedule={shown} ({why})"]
 
     def _init_patch_machine(self) -> None:
         config = self.config
