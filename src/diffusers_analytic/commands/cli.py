@@ -35,12 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted (not the stream of when the CLI first ran, which a
+    test runner or a caller that redirects stderr may have closed since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _show_package_info_logs() -> None:
     """The package's loggers (`diffusers_analytic.*`) report progress at INFO on stderr; diffusers stays at WARNING."""
     package_logger = logging.getLogger("diffusers_analytic")
     package_logger.setLevel(logging.INFO)
     if not package_logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[diffusers-analytic] %(message)s"))
         package_logger.addHandler(handler)
         package_logger.propagate = False
