@@ -1,4 +1,5 @@
-"""What several subcommands share: a `--device` value checked against the devices this machine has.
+"""What several subcommands share: a `--device` value checked against the devices this machine has, and a data
+source read the way `fit --data` reads it.
 
 Like every command module, it imports torch only inside its functions, so that `--help` stays fast.
 """
@@ -41,3 +42,25 @@ def resolve_device(name: str | None, default=None):
     if not usable:
         raise ValueError(f"--device {name!r} is not a device of this machine; use one of {', '.join(available)}.")
     return device
+
+
+def load_data_source(source: str, args):
+    """
+    A data source named on the command line (a built-in set, a local image folder or a Hub data set id) as `fit
+    --data` reads it; `args` carries `--split`, `--channels` and the built-in `patches` options (`--patch-size`,
+    `--num-patches`, `--data-seed`).
+    """
+    from ..data import load_image_dataset
+    from ..names import BUILTIN_DATASETS
+
+    if source == "patches":
+        return load_image_dataset(
+            "patches",
+            size=args.patch_size,
+            num_images=args.num_patches,
+            seed=args.data_seed,
+            channels=args.channels or 3,
+        )
+    if source in BUILTIN_DATASETS:
+        return load_image_dataset(source)
+    return load_image_dataset(source, split=args.split)

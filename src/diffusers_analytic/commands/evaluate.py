@@ -25,6 +25,7 @@ import math
 import os
 
 from ..names import BUILTIN_DATASETS
+from .common import load_data_source
 
 logger = logging.getLogger(__name__)  # (the logger `diffusers.utils.logging.get_logger` gives, without the import)
 
@@ -166,21 +167,9 @@ def _samples_kind(args) -> str:
 
 def load_reference(args):
     """The reference images, a tensor `[M, C, H, W]` (uint8 for 8-bit sources), read as `fit --data` reads them."""
-    from ..data import load_image_dataset
     from ..kernels.stored_images import collect_images
 
-    if args.reference == "patches":
-        data = load_image_dataset(
-            "patches",
-            size=args.patch_size,
-            num_images=args.num_patches,
-            seed=args.data_seed,
-            channels=args.channels or 3,
-        )
-    elif args.reference in BUILTIN_DATASETS:
-        data = load_image_dataset(args.reference)
-    else:
-        data = load_image_dataset(args.reference, split=args.split)
+    data = load_data_source(args.reference, args)
     data_kwargs = {
         key: value
         for key, value in (

@@ -14,6 +14,7 @@ import logging
 import os
 
 from ..names import BUILTIN_DATASETS, METHODS
+from .common import load_data_source
 
 logger = logging.getLogger(__name__)  # (the logger `diffusers.utils.logging.get_logger` gives, without the import)
 
@@ -100,19 +101,8 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def load_data(args):
-    from ..data import load_image_dataset
-
-    if args.data == "patches":
-        return load_image_dataset(
-            "patches",
-            size=args.patch_size,
-            num_images=args.num_patches,
-            seed=args.data_seed,
-            channels=args.channels or 3,
-        )
-    if args.data in BUILTIN_DATASETS:
-        return load_image_dataset(args.data)
-    return load_image_dataset(args.data, split=args.split)
+    """`--data` as a data source (see `common.load_data_source`)."""
+    return load_data_source(args.data, args)
 
 
 def run(args) -> None:
