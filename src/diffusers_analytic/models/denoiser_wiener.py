@@ -9,9 +9,12 @@ from diffusers.utils import logging
 
 from ..data import DATA_SOURCE_KEYWORDS
 from ..kernels.moments import eigen_decomposition, fit_moments
+from ..kernels.stored_images import CacheLock, buffer_key
 from .modeling_analytic import AnalyticDenoiserMixin
 
 logger = logging.get_logger(__name__)
+
+_COPY_LIMIT = 1 << 20  # eigenvector entries up to which the cache keeps its own transposed copy (4 MiB)
 
 
 class WienerDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
@@ -61,6 +64,7 @@ class WienerDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         self.register_buffer("eigvecs", torch.zeros(dim, kept))  # U  [D, r]
         self.register_buffer("eigvals", torch.zeros(kept))  # lam     [r]
         self.register_buffer("eigval_floor", torch.zeros(()))  # variance of the D - r discarded directions
+        self._operator_lock = CacheLock()
 
     @classmethod
     def from_dataset(cls, images, batch_size: int = 256, show_progress: bool = True, **config) -> WienerDenoiser:
@@ -87,25 +91,98 @@ class WienerDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         logger.info(f"Fitted a Wiener denoiser on {moments.count} images (D = {len(eigvals)} eigenpairs kept).")
         return denoiser
 
+    def _operator(self) -> _WienerOperator:
+        """The buffers as the call uses them, rebuilt when one changes (`.to()`, loading, an in-place write)."""
+        held = self._buffers
+        buffers = (held["mean"], held["eigvecs"], held["eigvals"], held["eigval_floor"])
+        operator = self.__dict__.get("_operator_cache")
+        if operator is not None and operator.matches(buffers):
+            return operator
+        with self._operator_lock:
+            operator = self.__dict__.get("_operator_cache")
+            if operator is None or not operator.matches(buffers):
+                operator = _WienerOperator(buffers)
+                self.__dict__["_operator_cache"] = operator  # replaced whole, never half built
+            return operator
+
+    def _apply(self, fn, *args, **kwargs):
+        # `.to()`, `.cuda()`, `.half()` replace the buffers: drop the cached operator now, so that it does not keep
+        # the old buffers (for D = 12288, 600 MB of eigenvectors) alive until the next call.
+        self.__dict__.pop("_operator_cache", None)
+        return super()._apply(fn, *args, **kwargs)
+
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
         # Notation: alpha_prod_t -> a, beta_prod_t -> 1 - a, eigvals -> lam, eigvecs -> U, mean -> mu.
-        batch_size = x_t.shape[0]
+        op = self._operator()
         a, one_minus_a = alpha_prod_t[:, None], beta_prod_t[:, None]  # [B, 1] float64
-        mean = self.mean.float()
-        eigvecs = self.eigvecs.float()
+        sqrt_a = a.sqrt()
+        lam = op.eigvals if op.eigvals.dtype == a.dtype else op.eigvals.to(a.dtype)  # [1, r]
 
         # 1. Shrinkage of each eigendirection, sqrt(a) lam / (a lam + 1 - a); 0 where the Gaussian is a point mass.
-        def shrink(lam):
-            denominator = a * lam + one_minus_a
-            return torch.where(denominator > 0, a.sqrt() * lam / denominator.clamp(min=1e-300), 0.0)
-
-        lam = self.eigvals.to(a.dtype)[None, :]  # [1, r]
-        floor = self.eigval_floor.to(a.dtype)
-        gain = shrink(lam)  # [B, r]
-        gain_floor = shrink(floor)  # [B, 1] (0 without a rank cut)
-
+        gain = _shrink(lam, a, sqrt_a, one_minus_a, op.nonnegative)  # [B, r]
         # 2. x0_hat = mu + g_floor v + U diag(g - g_floor) U^T v,   v = x_t - sqrt(a) mu
-        v = x_t.reshape(batch_size, -1) - a.sqrt().to(x_t.dtype) * mean  # [B, D]
-        coeffs = (v @ eigvecs) * (gain - gain_floor).to(x_t.dtype)  # [B, r]
-        x0_hat = mean + gain_floor.to(x_t.dtype) * v + coeffs @ eigvecs.T  # [B, D]
+        v = torch.addcmul(x_t.reshape(len(x_t), -1), sqrt_a.to(x_t.dtype), op.mean, value=-1.0)  # [B, D]
+        if op.floor == 0.0:  # no rank cut: g_floor = 0
+            x0_hat = _apply_basis(op.eigvecs_t, v, gain.to(x_t.dtype), op.mean)
+        else:
+            floor = torch.full((1, 1), op.floor, dtype=a.dtype, device=a.device)
+            gain_floor = _shrink(floor, a, sqrt_a, one_minus_a, op.floor >= 0.0)  # [B, 1]
+            start = torch.addcmul(op.mean, gain_floor.to(x_t.dtype), v)  # mu + g_floor v
+            x0_hat = _apply_basis(op.eigvecs_t, v, (gain - gain_floor).to(x_t.dtype), start)
         return x0_hat.reshape(x_t.shape)
+
+
+def _apply_basis(eigvecs_t: torch.Tensor, v: torch.Tensor, gain: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """`start + ((v U) * gain) U^T`, with `eigvecs_t` = U^T `[r, D]`."""
+    coeffs = (v @ eigvecs_t.T).mul_(gain)  # [B, r]
+    return torch.addmm(start, coeffs, eigvecs_t)  # [B, D]
+
+
+def _shrink(lam, a, sqrt_a, one_minus_a, nonnegative: bool) -> torch.Tensor:
+    """
+    sqrt(a) lam / (a lam + 1 - a), and 0 where the denominator is not positive. With lam >= 0 and a, 1 - a >= 0 the
+    denominator is 0 only where the numerator is 0 too, so the clamp alone gives that 0 (no mask needed).
+    """
+    denominator = torch.addcmul(one_minus_a, a, lam)
+    if nonnegative:
+        return (sqrt_a * lam).div_(denominator.clamp_(min=1e-300))
+    return torch.where(denominator > 0, sqrt_a * lam / denominator.clamp(min=1e-300), 0.0)
+
+
+class _WienerOperator:
+    """
+    Float32 mean and transposed eigenvectors, eigenvalues as a float64 `[1, r]` row, the floor as a number and
+    whether all eigenvalues are >= 0, derived from one version of the four buffers. It holds those buffers, so their
+    storage is never freed and reused while it is cached, and matches only while each is the same tensor at the same
+    version (after loading or an in-place write the next call rebuilds it; `.to()` drops it at once, see
+    `WienerDenoiser._apply`).
+    """
+
+    def __init__(self, buffers):
+        mean, eigvecs, eigvals, floor = buffers
+        self.sources = buffers
+        self.keys = tuple(_version_key(b) for b in buffers)
+        self.mean = mean.float().contiguous()
+        # U^T [r, D]: contiguous is the faster layout for both small GEMMs; a large U is used as stored (no copy).
+        eigvecs_t = eigvecs.float().T
+        self.eigvecs_t = eigvecs_t.contiguous() if eigvecs_t.numel() <= _COPY_LIMIT else eigvecs_t
+        schedule_dtype = torch.float32 if eigvals.device.type == "mps" else torch.float64
+        self.eigvals = eigvals.to(schedule_dtype)[None, :].contiguous()
+        self.nonnegative = bool((self.eigvals >= 0).all())  # False for NaN too
+        self.floor = float(floor)
+
+    def matches(self, buffers) -> bool:
+        for source, key, buffer in zip(self.sources, self.keys, buffers):
+            if source is not buffer or key != _version_key(buffer):
+                return False
+        return True
+
+
+def _version_key(buffer: torch.Tensor) -> tuple:
+    """Storage address and write count of a tensor; with its identity, what `buffer_key` compares (the same tensor
+    object keeps its dtype, shape and device unless its storage is swapped, which moves the address)."""
+    try:
+        version = buffer._version
+    except RuntimeError:  # an inference-mode tensor has no version counter (see `buffer_key`)
+        return buffer_key(buffer)
+    return (buffer.data_ptr(), version)

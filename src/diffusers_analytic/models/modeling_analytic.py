@@ -143,6 +143,9 @@ class AnalyticDenoiserMixin:
             batch_size (`int`, *optional*):
                 Broadcast a single timestep to this many entries; a `[B]` tensor must have this length.
         """
+        fast = self._integer_alpha_prod(timestep, batch_size)
+        if fast is not None:
+            return fast
         t = self._timestep_tensor(timestep, batch_size)
         num_train_timesteps = len(self._alphas_cumprod)
         t_low = t.floor().long().clamp(max=num_train_timesteps - 1)
@@ -158,6 +161,50 @@ class AnalyticDenoiserMixin:
         alpha_prod = torch.where(is_integer, alpha_low, torch.sigmoid(-2.0 * log_sigma))
         beta_prod = torch.where(is_integer, 1.0 - alpha_low, torch.sigmoid(2.0 * log_sigma))
         return alpha_prod, beta_prod
+
+    def _integer_alpha_prod(self, timestep, batch_size: int | None):
+        """
+        `(a, 1 - a)` read from the table when `timestep` is an in-range integer (a number, an integral float, or an
+        integer tensor of the right length); None for anything else, which the general path handles (and rejects
+        with its messages). The values equal the general path's: `alphas_cumprod[t]` and `1 - alphas_cumprod[t]`.
+        """
+        alphas, alpha_list, beta_list, betas = self._schedule_tables()
+        last = len(alpha_list) - 1
+        if isinstance(timestep, torch.Tensor):
+            if timestep.dtype == torch.bool or timestep.is_complex():
+                return None
+            if timestep.ndim == 0:
+                timestep = timestep.item()
+            elif (
+                timestep.ndim == 1
+                and not timestep.is_floating_point()
+                and timestep.numel() > 0
+                and batch_size in (None, timestep.numel())
+            ):
+                index = timestep.detach().to("cpu", torch.int64)
+                low, high = torch.aminmax(index)
+                if low.item() < 0 or high.item() > last:
+                    return None
+                return alphas[index], betas[index]
+            else:
+                return None
+        if isinstance(timestep, float) and timestep.is_integer():
+            timestep = int(timestep)
+        if not isinstance(timestep, int) or isinstance(timestep, bool) or not 0 <= timestep <= last:
+            return None
+        size = 1 if batch_size is None else batch_size
+        alpha = torch.full((size,), alpha_list[timestep], dtype=torch.float64)
+        return alpha, torch.full((size,), beta_list[timestep], dtype=torch.float64)
+
+    def _schedule_tables(self):
+        """`alphas_cumprod` and `1 - alphas_cumprod` as float64 tensors and Python lists, built once per schedule."""
+        tables = self.__dict__.get("_schedule_table_cache")
+        if tables is None or tables[0] is not self._alphas_cumprod:
+            alphas = self._alphas_cumprod
+            betas = 1.0 - alphas
+            tables = (alphas, alphas.tolist(), betas.tolist(), betas)
+            self.__dict__["_schedule_table_cache"] = tables  # one tuple, replaced whole: safe when threads race
+        return tables
 
     def _timestep_tensor(self, timestep, batch_size: int | None) -> torch.Tensor:
         num_train_timesteps = len(self._alphas_cumprod)
@@ -200,7 +247,12 @@ class AnalyticDenoiserMixin:
             )
         if not sample.is_floating_point():
             raise ValueError(f"`sample` must be a floating tensor, got dtype {sample.dtype}.")
-        if not torch.isfinite(sample).all():
+        if sample.device.type == "cpu" and sample.numel() > 0:
+            low, high = torch.aminmax(sample)  # NaN propagates into both; +-inf shows in one (one pass, no mask)
+            finite = math.isfinite(low.item()) and math.isfinite(high.item())
+        else:
+            finite = bool(torch.isfinite(sample).all())
+        if not finite:
             raise ValueError("`sample` contains NaN or infinite values.")
 
     def _check_class_labels(self, class_labels, batch_size: int) -> torch.Tensor | None:
@@ -340,8 +392,8 @@ class AnalyticDenoiserMixin:
         sqrt_alpha = _per_sample(alpha_prod.sqrt(), x_t)
         sqrt_beta = _per_sample(beta_prod.clamp(min=MIN_BETA_PROD).sqrt(), x_t)
         if prediction_type == "epsilon":
-            return (x_t - sqrt_alpha * x0_hat) / sqrt_beta
-        return (sqrt_alpha * x_t - x0_hat) / sqrt_beta  # v_prediction
+            return torch.addcmul(x_t, sqrt_alpha, x0_hat, value=-1.0).div_(sqrt_beta)
+        return torch.sub(sqrt_alpha * x_t, x0_hat).div_(sqrt_beta)  # v_prediction
 
     def _predict(self, sample, timestep, generator, class_labels, keep: bool = False, guidance_scale=None):
         self._check_sample(sample)
@@ -351,10 +403,11 @@ class AnalyticDenoiserMixin:
         guidance_scale = _check_guidance_scale(guidance_scale, labels)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} samples.")
-        x_t = sample.to(torch.float32)
-        schedule_dtype = torch.float32 if x_t.device.type == "mps" else torch.float64
-        alpha_prod = alpha_prod.to(x_t.device, schedule_dtype)
-        beta_prod = beta_prod.to(x_t.device, schedule_dtype)
+        x_t = sample if sample.dtype == torch.float32 else sample.to(torch.float32)
+        if x_t.device.type != "cpu":  # the schedule is float64 on the CPU already
+            schedule_dtype = torch.float32 if x_t.device.type == "mps" else torch.float64
+            alpha_prod = alpha_prod.to(x_t.device, schedule_dtype)
+            beta_prod = beta_prod.to(x_t.device, schedule_dtype)
         if guidance_scale is None or guidance_scale == 1.0:  # (w = 1: the class-conditional result itself)
             x0_hat = self._denoise(x_t, alpha_prod, beta_prod, generator=generator, class_labels=labels)
         elif guidance_scale == 0.0:  # (w = 0: the unconditional result itself)
@@ -364,7 +417,7 @@ class AnalyticDenoiserMixin:
             x0_hat = x0_all + guidance_scale * (x0_class - x0_all)
         if keep:
             return x0_hat, x_t, alpha_prod, beta_prod
-        return (x0_hat.to(sample.dtype),)
+        return (x0_hat if x0_hat.dtype == sample.dtype else x0_hat.to(sample.dtype),)
 
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None) -> torch.Tensor:
         """The closed form: x0_hat for float32 `x_t` `[B, C, H, W]`, float64 `alpha_prod_t`, `beta_prod_t` `[B]`."""
