@@ -23,10 +23,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from functools import partial
 
 import torch
+from timing import best_time
 
 import diffusers_analytic as da
 from diffusers_analytic.models import pca_mask
@@ -38,16 +38,6 @@ CLASSES = {
     "wiener": "WienerDenoiser",
     "pca_locality": "PCALocalityDenoiser",
 }
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def import_revision(revision: str, folder: str):
@@ -87,8 +77,8 @@ def ab_revision(args) -> None:
                         repeats = 1 if method == "pca_locality" else args.repeats
                         base_times, our_times = [], []
                         for _ in range(args.rounds):
-                            base_times.append(1e3 * best_of(partial(theirs.denoise, x, timestep), repeats))
-                            our_times.append(1e3 * best_of(partial(ours.denoise, x, timestep), repeats))
+                            base_times.append(1e3 * best_time(partial(theirs.denoise, x, timestep), repeats))
+                            our_times.append(1e3 * best_time(partial(ours.denoise, x, timestep), repeats))
                         reference = theirs.denoise(x, timestep)
                         difference = float((ours.denoise(x, timestep) - reference).norm() / reference.norm())
                         name = f"{method} {storage or ''}".strip()
@@ -115,7 +105,7 @@ def ab_pca_dense(args) -> None:
                 row = []
                 for variant in ("one GEMM", "tiled"):
                     pca_mask.LocalityMask.dense = dense if variant == "one GEMM" else property(lambda self: False)
-                    row.append(best_of(partial(denoiser.denoise, x, timestep), 1))
+                    row.append(best_time(partial(denoiser.denoise, x, timestep), 1))
                     outputs[variant] = denoiser.denoise(x, timestep)
                 rounds.append(f"{row[0]:.2f} / {row[1]:.2f}")
             difference = float((outputs["one GEMM"] - outputs["tiled"]).norm() / outputs["tiled"].norm())

@@ -20,6 +20,7 @@ import platform
 import time
 
 import torch
+from timing import best_time, synchronize
 
 import diffusers_analytic as da
 
@@ -33,23 +34,6 @@ def matmul_gflops(device: str, size: int = 2048, repeats: int = 5) -> float:
         a @ b
     synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
-
-
-def synchronize(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_call(fn, repeats: int, device: str) -> float:
-    fn()
-    synchronize(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -79,8 +63,8 @@ def main() -> None:
         ls = da.LocalScoreDenoiser.from_dataset(images, patch_size_schedule=k).to(args.device)
         channels, height, width = els.sample_shape
         x = torch.randn(args.batch_size, channels, height, width, device=args.device)
-        els_s = time_call(lambda d=els, x=x: d.denoise(x, 500), args.repeats, args.device)
-        ls_s = time_call(lambda d=ls, x=x: d.denoise(x, 500), args.repeats, args.device)
+        els_s = best_time(lambda d=els, x=x: d.denoise(x, 500), args.repeats, args.device)
+        ls_s = best_time(lambda d=ls, x=x: d.denoise(x, 500), args.repeats, args.device)
         patches = els.num_training_patches(k)
         macs = args.batch_size * height * width * patches * channels * k * k
         rows.append(

@@ -18,6 +18,7 @@ import time
 
 import torch
 from diffusers import DDIMScheduler
+from timing import synchronize
 
 from diffusers_analytic.data import load_builtin
 from diffusers_analytic.models.denoiser_pca_locality import PCALocalityDenoiser
@@ -37,11 +38,6 @@ def matmul_rate(device: torch.device, rows: int, inner: int, cols: int, repeats:
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return rows * inner * cols / best
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PeakMemory:

@@ -27,6 +27,7 @@ import traceback
 from functools import partial
 
 import torch
+from timing import best_time
 
 import diffusers_analytic as da
 from diffusers_analytic.data import to_model_space
@@ -44,23 +45,6 @@ SIZES = {
 }
 CONFIGS = {"scfdm": {"num_noise": 4}, "ls": {"patch_size_schedule": 5}, "els": {"patch_size_schedule": 5}}
 TIMESTEPS = (900, 500, 100)
-
-
-def synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, repeats: int = 3) -> float:
-    fn()
-    synchronize(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def fit_on_device(method: str, images: torch.Tensor, device: torch.device):
@@ -119,7 +103,7 @@ def time_methods(device: torch.device, methods: list[str], sizes: list[int]) -> 
                             timestep,
                             device,
                         )
-                        seconds = timed(call, device, repeats=1 if method in ("ls", "els", "pca_locality") else 3)
+                        seconds = best_time(call, 1 if method in ("ls", "els", "pca_locality") else 3, device)
                         out = call().float()
                         error = float((out - reference).norm() / reference.norm().clamp(min=1e-30))
                         row[f"t{timestep}_{variant}_ms"] = 1e3 * seconds
@@ -153,8 +137,8 @@ def check_faiss(device: torch.device) -> dict:
         denoiser = da.OptimalDenoiser.from_dataset(patches, num_neighbors=200).to(device)
         exact = da.OptimalDenoiser.from_dataset(patches).to(device)
         x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
-        report["topk_ms"] = 1e3 * timed(lambda: denoiser.denoise(x, 100), device)
-        report["exact_ms"] = 1e3 * timed(lambda: exact.denoise(x, 100), device)
+        report["topk_ms"] = 1e3 * best_time(lambda: denoiser.denoise(x, 100), 3, device)
+        report["exact_ms"] = 1e3 * best_time(lambda: exact.denoise(x, 100), 3, device)
         reference = exact.denoise(x, 100)
         report["topk_error_t100"] = float((denoiser.denoise(x, 100) - reference).norm() / reference.norm())
     except Exception as error:  # noqa: BLE001

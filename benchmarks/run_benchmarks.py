@@ -27,6 +27,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
+from timing import synchronize
 
 from diffusers_analytic import AnalyticDDIMPipeline, load_builtin
 from diffusers_analytic.data import to_model_space
@@ -58,11 +59,6 @@ def machine_description() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_rate(device: torch.device, size: int = 2048, seconds: float = 1.0) -> float:
