@@ -155,6 +155,7 @@ def test_bad_inputs_are_clear_errors(fitted, method):
         (lambda: den.denoise(x, torch.zeros(2, 2)), "1-d"),
         (lambda: den.denoise(x, "10"), "int, a float or a tensor"),
         (lambda: den.denoise(x.long(), 10), "floating"),
+        (lambda: den.denoise(torch.zeros(0, 1, 8, 8), 10), "no image"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -247,7 +247,9 @@ class AnalyticDenoiserMixin:
             )
         if not sample.is_floating_point():
             raise ValueError(f"`sample` must be a floating tensor, got dtype {sample.dtype}.")
-        if sample.device.type == "cpu" and sample.numel() > 0:
+        if sample.shape[0] == 0:
+            raise ValueError("`sample` holds no image (batch size 0); pass at least one.")
+        if sample.device.type == "cpu":
             low, high = torch.aminmax(sample)  # NaN propagates into both; +-inf shows in one (one pass, no mask)
             finite = math.isfinite(low.item()) and math.isfinite(high.item())
         else:
