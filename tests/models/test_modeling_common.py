@@ -329,3 +329,11 @@ def test_loading_another_class_or_incomplete_weights_is_an_error(fitted, tmp_pat
         da.WienerDenoiser.from_pretrained(tmp_path / "wiener")
     model, info = da.OptimalDenoiser.from_pretrained(tmp_path / "optimal", output_loading_info=True)
     assert info["missing_keys"] == [] and torch.equal(model.images, fitted["optimal"].images)
+
+
+def test_every_method_estimates_its_work_linearly_in_the_batch(fitted):
+    for method, denoiser in fitted.items():
+        # affine in the batch: a per-sample part (> 0) and a fixed part (the PCA mask of a noise level)
+        one, eight, fifteen = (denoiser.estimated_flops(b) for b in (1, 8, 15))
+        assert one > 0 and eight - one > 0, (method, one, eight)
+        assert fifteen - eight == pytest.approx(eight - one, rel=1e-9), method

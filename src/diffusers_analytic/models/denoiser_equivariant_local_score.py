@@ -192,6 +192,15 @@ class EquivariantLocalScoreDenoiser(PatchMachineMixin, ModelMixin, ConfigMixin):
         groups = self.position_groups(self.effective_patch_size(patch_size))
         return len(self.images) * max(len(train_positions) for _, train_positions in groups)
 
+    def estimated_flops(self, batch_size: int) -> float:
+        """
+        Every query pixel's patch (C k^2 values, k the largest of the schedule) against the patches of every stored
+        image at every training position (at most H W): about 2 B N (H W)^2 C k_max^2.
+        """
+        channels, height, width = self.sample_shape
+        k = self.largest_patch_size()
+        return 2.0 * batch_size * len(self.images) * (height * width) ** 2 * channels * k * k
+
     def _denoise_patch(self, x_t, alpha_prod_t, beta_prod_t, patch_size, class_labels=None):
         # Notation: alpha_prod_t -> a, beta_prod_t -> 1 - a, patch_size -> k, training patches -> q_j.
         config = self.config

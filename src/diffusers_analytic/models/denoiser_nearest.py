@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -73,6 +75,10 @@ class NearestDatasetDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
         [`OptimalDenoiser.from_dataset`].
         """
         return cls._from_stored_images(images, batch_size, storage_dtype, config, "a nearest-dataset denoiser")
+
+    def estimated_flops(self, batch_size: int) -> float:
+        """One GEMM of the batch against all N images: 2 B N D."""
+        return 2.0 * batch_size * len(self.images) * math.prod(self.sample_shape)
 
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
         # Notation: alpha_prod_t -> a, images -> y_1 .. y_N.

@@ -3,6 +3,8 @@ images (docs/math.md)."""
 
 from __future__ import annotations
 
+import math
+
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
@@ -110,6 +112,14 @@ class OptimalDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
                 the data.
         """
         return cls._from_stored_images(images, batch_size, storage_dtype, config, "an optimal denoiser")
+
+    def estimated_flops(self, batch_size: int) -> float:
+        """Exact: the logits and the weighted sum over all N images, 4 B N D; top-k: the flat search over all N
+        (2 B N D) and both products over the k found (4 B k D)."""
+        dim, count = math.prod(self.sample_shape), len(self.images)
+        if self.config.num_neighbors is None:
+            return 4.0 * batch_size * count * dim
+        return 2.0 * batch_size * count * dim + 4.0 * batch_size * self.config.num_neighbors * dim
 
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
         # Notation: alpha_prod_t -> a, beta_prod_t -> 1 - a, temperature -> tau, images -> y_1 .. y_N.

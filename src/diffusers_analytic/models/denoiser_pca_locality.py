@@ -199,6 +199,14 @@ class PCALocalityDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
         return LocalityMask(mask, tiles, nonzero / mask.numel(), all_ones)
 
     # ------------------------------------------------------------------ the closed form
+    def estimated_flops(self, batch_size: int) -> float:
+        """
+        At most the dense formulation, one `[B N, D] x [D, D]` GEMM of the per-input terms against the mask (2 B N D^2),
+        plus the mask of a new noise level (a symmetric D x D product in float64, about D^3).
+        """
+        dim = math.prod(self.sample_shape)
+        return 2.0 * batch_size * len(self.images) * dim * dim + float(dim) ** 3
+
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
         # Samples that share the noise level (and class) share the mask and one pass over the data.
         batch_size = x_t.shape[0]

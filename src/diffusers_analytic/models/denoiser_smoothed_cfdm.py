@@ -95,6 +95,14 @@ class SmoothedCFDMDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
         """
         return cls._from_stored_images(images, batch_size, storage_dtype, config, "a smoothed CFDM denoiser")
 
+    def estimated_flops(self, batch_size: int) -> float:
+        """The optimal denoiser's count on the M = num_noise perturbed copies: 4 M B N D exact (top-k as there)."""
+        dim, count = math.prod(self.sample_shape), len(self.images)
+        rows = batch_size * (self.config.num_noise if self.config.smoothing_std > 0 else 1)
+        if self.config.num_neighbors is None:
+            return 4.0 * rows * count * dim
+        return 2.0 * rows * count * dim + 4.0 * rows * self.config.num_neighbors * dim
+
     def _optimal(self, x_flat, alpha_prod_t, beta_prod_t, stats, class_labels):
         """E_emp[x_0 | x] for rows x of `x_flat` `[B', D]`: exact streamed softmax, or top-k over FAISS neighbours."""
         config = self.config

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -104,6 +106,10 @@ class WienerDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
                 operator = _WienerOperator(buffers)
                 self.__dict__["_operator_cache"] = operator  # replaced whole, never half built
             return operator
+
+    def estimated_flops(self, batch_size: int) -> float:
+        """Two GEMMs with the basis, `[B, D] x [D, r]` and back: 4 B D r."""
+        return 4.0 * batch_size * math.prod(self.sample_shape) * self.eigvecs.shape[1]
 
     def _apply(self, fn, *args, **kwargs):
         # `.to()`, `.cuda()`, `.half()` replace the buffers: drop the cached operator now, so that it does not keep

@@ -421,6 +421,13 @@ class AnalyticDenoiserMixin:
             return x0_hat, x_t, alpha_prod, beta_prod
         return (x0_hat if x0_hat.dtype == sample.dtype else x0_hat.to(sample.dtype),)
 
+    def estimated_flops(self, batch_size: int) -> float | None:
+        """
+        An upper estimate of the floating-point operations of one `denoise` call on `batch_size` samples (2 per
+        multiply-add of its GEMMs), so that a long run can say so before it starts; None when a method gives none.
+        """
+        return None
+
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None) -> torch.Tensor:
         """The closed form: x0_hat for float32 `x_t` `[B, C, H, W]`, float64 `alpha_prod_t`, `beta_prod_t` `[B]`."""
         raise NotImplementedError

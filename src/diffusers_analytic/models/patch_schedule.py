@@ -270,6 +270,12 @@ class PatchMachineMixin(StoredImagesMixin):
         """The patch size actually used for a requested (scheduled) one; the machines cap sizes beyond the image."""
         return patch_size
 
+    def largest_patch_size(self) -> int:
+        """The largest patch size k this machine uses at any noise level (the fixed one during calibration)."""
+        if self._fixed_patch_size is not None:
+            return self.effective_patch_size(self._fixed_patch_size)
+        return max(self.effective_patch_size(int(k)) for _, k in self._patch_schedule)
+
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
         # k per sample from the schedule at each sample's log-SNR, then one call per distinct k.
         if self._fixed_patch_size is not None:

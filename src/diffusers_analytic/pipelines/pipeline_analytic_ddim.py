@@ -96,6 +96,30 @@ def _check_call_arguments(batch_size, num_inference_steps, eta, output_type) -> 
         raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
 
 
+# A run whose estimated work exceeds this says so before it starts (about 10 minutes at 100 GFLOP/s), with the time it
+# would take at two stated rates: the float32 GEMM rate of a few CPU cores and a data-center GPU's.
+LONG_RUN_FLOPS = 6e13
+CPU_FLOPS, GPU_FLOPS = 1e11, 5e13
+
+
+def _warn_if_long(denoiser, batch_size: int, num_calls: int, guidance_scale) -> None:
+    """Logs a warning with the estimated work and time before a run that would take long (see `LONG_RUN_FLOPS`)."""
+    per_call = denoiser.estimated_flops(batch_size) if hasattr(denoiser, "estimated_flops") else None
+    if per_call is None:
+        return
+    if guidance_scale is not None and guidance_scale not in (0, 1):
+        per_call *= 2  # the unconditional and the class-conditional term
+    total = per_call * num_calls
+    if total < LONG_RUN_FLOPS:
+        return
+    logger.warning(
+        f"This run needs about {total / 1e12:.3g} TFLOP ({num_calls} denoiser calls of {per_call / 1e9:.3g} GFLOP "
+        f"for {batch_size} images with {type(denoiser).__name__}): about {total / CPU_FLOPS / 60:.3g} min at "
+        f"{CPU_FLOPS / 1e9:.0f} GFLOP/s (a few CPU cores), {total / GPU_FLOPS:.3g} s at {GPU_FLOPS / 1e12:.0f} TFLOP/s "
+        "(a data-center GPU). Fewer images, steps or stored images make it shorter."
+    )
+
+
 def scheduler_from_denoiser(denoiser, scheduler_class=DDIMScheduler, **kwargs):
     """A scheduler of `scheduler_class` with the denoiser's training schedule and prediction type."""
     config = {k: denoiser.config[k] for k in SCHEDULE_KEYS}
@@ -238,6 +262,7 @@ class AnalyticDDIMPipeline(DiffusionPipeline):
         adapter = SchedulerAdapter(self.unet, self.scheduler, exact_sigmas=exact_sigmas)
         extra_step_kwargs = self._prepare_extra_step_kwargs(generator, eta)
         trajectory_xt, trajectory_x0, timesteps = [], [], []
+        _warn_if_long(self.unet, batch_size, len(self.scheduler.timesteps), guidance_scale)
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             # 3. The denoiser on the VP sample x_t, at the timestep of the scheduler's noise level.

@@ -1,0 +1,40 @@
+"""Every denoiser estimates the work of a call, and the pipeline warns before a run that would take long."""
+
+import logging
+
+import torch
+
+import diffusers_analytic as da
+from diffusers_analytic.pipelines import pipeline_analytic_ddim
+
+
+def test_counts_follow_the_closed_forms(digits_small):
+    optimal = da.OptimalDenoiser.from_dataset(digits_small)
+    assert optimal.estimated_flops(8) == 4 * 8 * 300 * 64
+    wiener = da.WienerDenoiser.from_dataset(digits_small, show_progress=False, rank=10)
+    assert wiener.estimated_flops(8) == 4 * 8 * 64 * 10
+    els = da.EquivariantLocalScoreDenoiser.from_dataset(
+        digits_small.images[:20], patch_size_schedule=[[0.0, 3], [-2.0, 5]]
+    )
+    assert els.estimated_flops(2) == 2 * 2 * 20 * 64**2 * 1 * 5 * 5
+
+
+def test_a_long_run_is_announced_before_it_starts(digits_small, monkeypatch):
+    denoiser = da.OptimalDenoiser.from_dataset(digits_small)
+    pipe = da.AnalyticDDIMPipeline(unet=denoiser)
+    pipe.set_progress_bar_config(disable=True)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger(pipeline_analytic_ddim.__name__)
+    logger.addHandler(handler)
+    try:
+        pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+        assert not records  # 3 calls of 4 * 2 * 300 * 64 flops: short
+        monkeypatch.setattr(pipeline_analytic_ddim, "LONG_RUN_FLOPS", 1e5)
+        pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    finally:
+        logger.removeHandler(handler)
+    assert len(records) == 1
+    message = records[0].getMessage()
+    assert "3 denoiser calls" in message and "OptimalDenoiser" in message and "min at 100 GFLOP/s" in message
