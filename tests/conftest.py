@@ -44,3 +44,15 @@ def digits_small(digits):
     from diffusers_analytic import ImageSet
 
     return ImageSet(digits.images[:300].clone(), digits.labels[:300].clone(), "digits300")
+
+
+@pytest.fixture(scope="session")
+def machines(digits):
+    """For the calibration tests: an ELS machine with a known patch-size schedule (k = 1 at low noise, 3 in the middle,
+    5 at high noise) playing the trained network, and one with k = 7 to calibrate against it (8x8 digits)."""
+    from diffusers_analytic import EquivariantLocalScoreDenoiser
+
+    images = digits.images[:40]
+    trained = EquivariantLocalScoreDenoiser.from_dataset(images, patch_size_schedule=[[1.5, 1], [-2.0, 3], [-5.0, 5]])
+    machine = EquivariantLocalScoreDenoiser.from_dataset(images, patch_size_schedule=7)
+    return trained, machine

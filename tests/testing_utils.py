@@ -1,6 +1,7 @@
 """Helpers shared by the tests (import as `from tests.testing_utils import ...`)."""
 
 import torch
+from diffusers import UNet2DModel
 
 
 def random_gaussian(dim: int, seed: int, scale: float = 1.0):
@@ -17,3 +18,18 @@ def sample_gaussian(mean, cov, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     chol = torch.linalg.cholesky(cov)
     return mean + torch.randn(n, len(mean), generator=g, dtype=torch.float64) @ chol.T
+
+
+def tiny_unet(seed: int = 0) -> UNet2DModel:
+    """A small real `UNet2DModel` for 8x8 grey images (random weights from `seed`): the trained network of tests."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )

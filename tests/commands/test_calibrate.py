@@ -14,16 +14,6 @@ import diffusers_analytic as da
 from diffusers_analytic.commands.calibrate import parse_candidates
 from diffusers_analytic.commands.cli import main
 
-KNOWN = [[1.5, 1], [-2.0, 3], [-5.0, 5]]  # k = 1 at low noise, 3 in the middle, 5 at high noise (8x8 digits)
-
-
-@pytest.fixture(scope="module")
-def machines(digits):
-    images = digits.images[:40]
-    trained = da.EquivariantLocalScoreDenoiser.from_dataset(images, patch_size_schedule=KNOWN)
-    machine = da.EquivariantLocalScoreDenoiser.from_dataset(images, patch_size_schedule=7)
-    return trained, machine
-
 
 def test_cli_writes_the_schedule_into_a_new_pipeline(machines, tmp_path, capsys):
     trained, machine = machines

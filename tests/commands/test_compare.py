@@ -12,20 +12,7 @@ from PIL import Image
 from diffusers_analytic import AnalyticDDIMPipeline, WienerDenoiser, load_builtin
 from diffusers_analytic.commands.cli import main
 from diffusers_analytic.utils.seeding import generator_for_index
-
-
-def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+from tests.testing_utils import tiny_unet
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,11 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffusers_analytic import AnalyticDDIMPipeline, WienerDenoiser
 from diffusers_analytic.evaluation import files, load_trained
+from tests.testing_utils import tiny_unet
 
 
 def test_load_trained_reads_a_diffusers_and_an_analytic_folder(wiener, tmp_path):
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    unet = tiny_unet()
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "trained")
     loaded, scheduler = load_trained(str(tmp_path / "trained"))
     assert isinstance(loaded, UNet2DModel) and isinstance(scheduler, DDPMScheduler)
