@@ -173,29 +173,6 @@ def piece_size(device: torch.device, chunk_size: int, images: torch.Tensor) -> i
     return max(1, min(chunk_size, len(images), budget // (4 * images[0].numel())))
 
 
-class PieceReader:
-    """Stored values r of the images as float32, by pieces of `piece_size` (converted into one reused buffer)."""
-
-    def __init__(self, images: torch.Tensor, piece_size: int):
-        self.flat = images.reshape(len(images), -1)
-        self.piece_size = piece_size
-        self.buffer = None
-        if self.flat.dtype != torch.float32:
-            self.buffer = torch.empty(piece_size, self.flat.shape[1], device=images.device)
-
-    def pieces(self, start: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """`(offset from start, r [p, D])` for images start..stop; a piece is overwritten by the next."""
-        for piece_start in range(start, stop, self.piece_size):
-            piece = self.flat[piece_start : min(piece_start + self.piece_size, stop)]
-            if self.buffer is not None:
-                piece = self.buffer[: len(piece)].copy_(piece)
-            yield piece_start - start, piece
-
-    def rows(self, indices: torch.Tensor) -> torch.Tensor:
-        """r of the images at `indices`, float32 `[k, D]` (a new tensor)."""
-        return self.flat[indices].to(torch.float32)
-
-
 class StoredImageMean:
     """
     The mean of a stored image buffer `[N, C, H, W]` (float64 sum, kept float32), per pixel `[C, H, W]` or per
