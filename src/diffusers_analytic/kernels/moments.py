@@ -23,14 +23,20 @@ class StreamingMoments:
 
     The three sums add across shards once they share one shift (`recentre`, `merge`), so a distributed fit
     all-reduces `count`, `sum` and `outer` ([`all_reduce_moments`]).
+
+    With `keep_rows=True` the shifted rows y - K are kept instead of being added to `outer` while there are fewer
+    than D of them (they take less memory than the D x D sums then): [`covariance_eigenbasis`] can decompose the
+    N x N Gram matrix instead of the D x D covariance. The first image past D-1 (or any `recentre` / `merge` /
+    `flush_rows`) adds the kept rows to `outer` and stops keeping.
     """
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu"):
+    def __init__(self, dim: int, device: torch.device | str = "cpu", keep_rows: bool = False):
         self.dim = dim
         self.count = 0
         self.shift: torch.Tensor | None = None
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.outer = None if keep_rows else torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.rows: list[torch.Tensor] | None = [] if keep_rows else None  # y - K, float64 [n_j, D] each
 
     def update(self, batch: torch.Tensor) -> None:
         """Adds a `[B, D]` batch (any float dtype; converted to float64)."""
@@ -42,7 +48,20 @@ class StreamingMoments:
         centred = batch - self.shift
         self.count += len(batch)
         self.sum += centred.sum(0)
+        if self.rows is not None and self.count < self.dim:
+            self.rows.append(centred)
+            return
+        self.flush_rows()
         self.outer.addmm_(centred.T, centred)
+
+    def flush_rows(self) -> None:
+        """Adds the kept rows to `outer` (allocated now) and stops keeping rows."""
+        if self.rows is None:
+            return
+        self.outer = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.sum.device)
+        for centred in self.rows:
+            self.outer.addmm_(centred.T, centred)
+        self.rows = None
 
     def recentre(self, shift: torch.Tensor) -> None:
         r"""
@@ -51,6 +70,7 @@ class StreamingMoments:
             s1' = s1 + n d,    s2' = s2 + d s1^T + s1 d^T + n d d^T
         """
         shift = shift.to(self.sum.device, torch.float64)
+        self.flush_rows()
         if self.shift is None or self.count == 0:
             self.shift = shift.clone()
             return
@@ -69,6 +89,8 @@ class StreamingMoments:
             )
         if other.count == 0:
             return
+        self.flush_rows()
+        other.flush_rows()
         if self.count == 0:
             self.shift, self.count = other.shift.clone(), other.count
             self.sum, self.outer = other.sum.clone(), other.outer.clone()
@@ -88,6 +110,7 @@ class StreamingMoments:
         """The unbiased (n - 1) covariance, float64 `[D, D]`."""
         if self.count < 2:
             raise ValueError(f"The covariance needs at least 2 images, got {self.count}.")
+        self.flush_rows()
         centred_sum = self.sum[:, None]
         cov = (self.outer - centred_sum @ centred_sum.T / self.count) / (self.count - 1)
         return 0.5 * (cov + cov.T)
@@ -132,11 +155,52 @@ def eigen_decomposition(cov: torch.Tensor, rank: int | None = None):
     return eigvecs[:, :rank].contiguous(), eigvals[:rank].contiguous(), floor
 
 
+def covariance_eigenbasis(moments: StreamingMoments, rank: int | None = None):
+    r"""
+    The eigendecomposition of the moments' unbiased covariance, as [`eigen_decomposition`] gives it, from the
+    cheaper of two exact routes:
+
+    - the D x D covariance S = X^T X / (N - 1) (X: the centred images as rows), ~9 D^3 flops in `eigh`;
+    - while fewer than D images were kept as rows (`StreamingMoments(keep_rows=True)`), the N x N Gram matrix
+      G = X X^T / (N - 1): S and G share their non-zero eigenvalues, and G v = lam v gives S's eigenvector
+      u = X^T v / ||X^T v||. About 4 N^2 D + 9 N^3 flops: at N = 2000, D = 12288, seconds instead of many minutes.
+      S has rank < N, so its other D - N + 1 eigenvalues are exactly 0; eigenvalues below the float64 rounding of
+      the decomposition (lam_max D eps) count as 0 too, their vectors being noise.
+
+    Returns:
+        `(eigvecs [D, k], eigvals [k], floor)` in float64, eigenvalues descending, with k = min(rank or D, D) from
+        the covariance and k <= min(rank or N, N) from the Gram matrix: the eigenvalues of columns k..rank-1 (and
+        of every column the caller pads with zeros) are 0. `floor` is the mean of the discarded eigenvalues over the
+        D - rank directions outside the kept ones.
+    """
+    if moments.rows is None:
+        return eigen_decomposition(moments.covariance(), rank)
+    if moments.count < 2:
+        raise ValueError(f"The covariance needs at least 2 images, got {moments.count}.")
+    dim, count = moments.dim, moments.count
+    centred = torch.cat(moments.rows).sub_(moments.sum / count)  # X = y - mean  [N, D]
+    gram = centred @ centred.T / (count - 1)  # G  [N, N]
+    eigvals, vectors = symmetric_eigh(0.5 * (gram + gram.T))
+    eigvals, vectors = eigvals.flip(0), vectors.flip(1)
+    tolerance = float(eigvals[0].clamp(min=0)) * dim * torch.finfo(torch.float64).eps
+    kept = int((eigvals > tolerance).sum())
+    if rank is not None:
+        kept = min(kept, rank)
+    eigvecs = centred.T @ vectors[:, :kept]  # X^T v  [D, k]
+    eigvecs /= torch.linalg.vector_norm(eigvecs, dim=0)
+    floor = 0.0
+    if rank is not None and rank < dim:
+        discarded = eigvals[kept:]
+        floor = float(discarded[discarded > tolerance].sum()) / (dim - rank)
+    return eigvecs, eigvals[:kept].contiguous(), floor
+
+
 def fit_moments(
     data,
     batch_size: int = 256,
     show_progress: bool = True,
     desc: str = "Fitting moments",
+    keep_rows: bool = False,
     **data_kwargs,
 ) -> tuple[StreamingMoments, tuple[int, int, int]]:
     """
@@ -145,6 +209,9 @@ def fit_moments(
     A [`~diffusers_analytic.data.DataShard`] (from `shard_data`, under `accelerate launch` / `torchrun`) is
     this process's part of the data: it is streamed, then the sums of all processes are all-reduced, so every process
     returns the moments of the whole data set (equal to a single-process fit to float64 rounding).
+
+    `keep_rows=True` keeps the images as rows while there are fewer than D of them, for
+    [`covariance_eigenbasis`]'s Gram route (a distributed fit adds them up as D x D sums).
 
     Returns:
         `(moments, (C, H, W))`.
@@ -162,7 +229,7 @@ def fit_moments(
     for batch in iter_image_batches(data, batch_size=batch_size, **data_kwargs):
         if shape is None:
             shape = tuple(batch.images.shape[1:])
-            moments = StreamingMoments(shape[0] * shape[1] * shape[2])
+            moments = StreamingMoments(shape[0] * shape[1] * shape[2], keep_rows=keep_rows)
         elif tuple(batch.images.shape[1:]) != shape:
             raise ValueError(f"All images must have the same shape; got {shape} and {tuple(batch.images.shape[1:])}.")
         moments.update(to_model_space(batch.images, torch.float64))
@@ -186,6 +253,7 @@ def all_reduce_moments(moments, communicator: Communicator):
     """
     world = communicator.world_size
     device = moments.sum.device
+    moments.flush_rows()  # the D x D sums are what add across processes
     # 1. the lowest rank that has images lends its shift
     has_images = moments.count > 0
     owner = communicator.all_reduce(torch.tensor([communicator.rank if has_images else world], device=device), "min")

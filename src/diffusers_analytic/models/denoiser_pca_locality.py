@@ -12,7 +12,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging
 
 from ..kernels.empirical import posterior_mean
-from ..kernels.moments import eigen_decomposition, fit_moments
+from ..kernels.moments import covariance_eigenbasis, fit_moments
 from ..kernels.online_softmax import OnlineSoftmax
 from ..kernels.schedule import MIN_BETA_PROD
 from ..kernels.stored_images import STORAGE_DTYPES, CacheLock, buffer_key, image_chunks
@@ -131,7 +131,8 @@ class PCALocalityDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
     ) -> PCALocalityDenoiser:
         r"""
         Stores the images and fits the Wiener statistics: mean and unbiased (N - 1) covariance in float64, its full
-        eigendecomposition (eigenvalues clamped at 0), stored as float32, exactly as `WienerDenoiser` does.
+        eigendecomposition (eigenvalues clamped at 0; from the N x N Gram matrix when N < D), stored as float32,
+        exactly as `WienerDenoiser` does.
 
         Args:
             images: anything [`~diffusers_analytic.data.iter_image_batches`] reads: a float tensor `[N, C, H, W]` in
@@ -148,12 +149,13 @@ class PCALocalityDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
             raise ValueError(
                 f"PCA locality needs at least 2 images (the covariance is undefined for fewer), got {len(stored)}."
             )
-        moments, shape = fit_moments(stored, batch_size=batch_size, show_progress=show_progress)
+        moments, shape = fit_moments(stored, batch_size=batch_size, show_progress=show_progress, keep_rows=True)
         denoiser = cls(**config)
-        eigvecs, eigvals, _ = eigen_decomposition(moments.covariance())
+        eigvecs, eigvals, _ = covariance_eigenbasis(moments)
+        kept = len(eigvals)  # fewer than D for N < D images (Gram route): the other columns stay 0, eigenvalue 0
         denoiser.mean.copy_(moments.mean)
-        denoiser.eigvecs.copy_(eigvecs)
-        denoiser.eigvals.copy_(eigvals)
+        denoiser.eigvecs[:, :kept].copy_(eigvecs)
+        denoiser.eigvals[:kept].copy_(eigvals)
         denoiser._copy_stored_images(stored, labels)
         logger.info(f"Fitted a PCA-locality denoiser on {len(stored)} images of shape {list(shape)}.")
         return denoiser

@@ -10,7 +10,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging
 
 from ..data import DATA_SOURCE_KEYWORDS
-from ..kernels.moments import eigen_decomposition, fit_moments
+from ..kernels.moments import covariance_eigenbasis, fit_moments
 from ..kernels.stored_images import CacheLock, buffer_key
 from .modeling_analytic import AnalyticDenoiserMixin
 
@@ -72,7 +72,9 @@ class WienerDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
     def from_dataset(cls, images, batch_size: int = 256, show_progress: bool = True, **config) -> WienerDenoiser:
         r"""
         Fits mean and unbiased (N - 1) covariance in float64, streamed over batches (memory O(D^2) whatever N),
-        then its eigendecomposition with `torch.linalg.eigh`; eigenvalues clamped at 0, stored as float32.
+        then its eigendecomposition in float64; eigenvalues clamped at 0, stored as float32. With fewer images than
+        dimensions (N < D) the decomposition comes from the N x N Gram matrix instead (exact, and far cheaper): the
+        covariance has rank < N, and the columns of `eigvecs` past its rank are zero with eigenvalue 0.
 
         Args:
             images: anything [`~diffusers_analytic.data.iter_image_batches`] reads: a float tensor `[N, C, H, W]` in
@@ -83,14 +85,17 @@ class WienerDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
                 `channels`, `value_range`; `sample_size` / `in_channels` are read from the data.
         """
         data_kwargs = {k: config.pop(k) for k in DATA_SOURCE_KEYWORDS if k in config}
-        moments, shape = fit_moments(images, batch_size=batch_size, show_progress=show_progress, **data_kwargs)
+        moments, shape = fit_moments(
+            images, batch_size=batch_size, show_progress=show_progress, keep_rows=True, **data_kwargs
+        )
         denoiser = cls(**cls._config_for_data(shape, config))
-        eigvecs, eigvals, floor = eigen_decomposition(moments.covariance(), denoiser.config.rank)
+        eigvecs, eigvals, floor = covariance_eigenbasis(moments, denoiser.config.rank)
+        kept = len(eigvals)  # fewer than the buffer's columns when the data have lower rank: those stay 0
         denoiser.mean.copy_(moments.mean)
-        denoiser.eigvecs.copy_(eigvecs)
-        denoiser.eigvals.copy_(eigvals)
+        denoiser.eigvecs[:, :kept].copy_(eigvecs)
+        denoiser.eigvals[:kept].copy_(eigvals)
         denoiser.eigval_floor.fill_(floor)
-        logger.info(f"Fitted a Wiener denoiser on {moments.count} images (D = {len(eigvals)} eigenpairs kept).")
+        logger.info(f"Fitted a Wiener denoiser on {moments.count} images ({kept} non-zero eigenpairs kept).")
         return denoiser
 
     def _operator(self) -> _WienerOperator:
@@ -108,8 +113,9 @@ class WienerDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
             return operator
 
     def estimated_flops(self, batch_size: int) -> float:
-        """Two GEMMs with the basis, `[B, D] x [D, r]` and back: 4 B D r."""
-        return 4.0 * batch_size * math.prod(self.sample_shape) * self.eigvecs.shape[1]
+        """Two GEMMs with the basis, `[B, D] x [D, r]` and back: 4 B D r (r: the eigenpairs a call uses)."""
+        used = self.eigvecs.shape[1] if float(self.eigval_floor) != 0.0 else int((self.eigvals != 0).sum())
+        return 4.0 * batch_size * math.prod(self.sample_shape) * used
 
     def _apply(self, fn, *args, **kwargs):
         # `.to()`, `.cuda()`, `.half()` replace the buffers: drop the cached operator now, so that it does not keep
@@ -169,13 +175,21 @@ class _WienerOperator:
         self.sources = buffers
         self.keys = tuple(_version_key(b) for b in buffers)
         self.mean = mean.float().contiguous()
-        # U^T [r, D]: contiguous is the faster layout for both small GEMMs; a large U is used as stored (no copy).
-        eigvecs_t = eigvecs.float().T
+        self.floor = float(floor)
+        self.nonnegative = bool((eigvals >= 0).all())  # False for NaN too
+        eigvecs_t = eigvecs.float().T  # U^T [r, D]
+        if self.floor == 0.0 and self.nonnegative:
+            # A zero eigenvalue has gain exactly 0: its direction is left out of both GEMMs (a fit on N < D images
+            # has at most N - 1 non-zero eigenvalues, sorted first; the rest are zero columns).
+            nonzero = eigvals != 0
+            count = int(nonzero.sum())
+            if count < len(eigvals):
+                keep = slice(0, count) if bool(nonzero[:count].all()) else nonzero
+                eigvecs_t, eigvals = eigvecs_t[keep], eigvals[keep]
+        # Contiguous is the faster layout for both small GEMMs; a large U is used as stored (no copy).
         self.eigvecs_t = eigvecs_t.contiguous() if eigvecs_t.numel() <= _COPY_LIMIT else eigvecs_t
         schedule_dtype = torch.float32 if eigvals.device.type == "mps" else torch.float64
         self.eigvals = eigvals.to(schedule_dtype)[None, :].contiguous()
-        self.nonnegative = bool((self.eigvals >= 0).all())  # False for NaN too
-        self.floor = float(floor)
 
     def matches(self, buffers) -> bool:
         for source, key, buffer in zip(self.sources, self.keys, buffers):
