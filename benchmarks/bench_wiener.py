@@ -3,12 +3,18 @@
     python benchmarks/bench_wiener.py          # digits (D = 64), patches 32x32x3 (N = 10000) and 64x64x3 (N = 2000)
     python benchmarks/bench_wiener.py --quick    # digits and D = 3072
     python benchmarks/bench_wiener.py --eigh     # the fit's eigendecomposition at D = 3072: torch's against ours
+    python benchmarks/bench_wiener.py --fit      # the fit, ours against the reference's method (D = 3072 and 12288)
 
 The reference method rebuilds the D x D filter on every call (`reference_wiener` below, written from the formula):
 W = U diag(sqrt(a) lam / (a lam + 1 - a)) U^T, x0 = mu + (x - sqrt(a) mu) W. Both get the same fitted mean,
 eigenvectors and eigenvalues and the same inputs (noisy training images at t = 500); ours is the public
 `denoise` call with every input check. Rounds alternate the two, so a shared machine's drift hits both alike; the
 table gives the best call of each and their ratio (ours / reference), and the fit time of each data set.
+
+The reference's fit (`reference_fit`, from its description): two passes over the data in float32 (the mean, then the
+sum of centred outer products), S = sum / (N - 1), and a float32 `torch.linalg.svd(S)`. Ours: `from_dataset`
+(float64 moments; float64 `eigh` of S, or of the N x N Gram matrix when N < D). `--fit` alternates the two and
+checks the fitted posterior means agree.
 """
 
 from __future__ import annotations
@@ -24,6 +30,52 @@ import diffusers_analytic as da
 def reference_wiener(x: torch.Tensor, a: float, mean: torch.Tensor, eigvecs: torch.Tensor, eigvals: torch.Tensor):
     filt = (eigvecs * (a**0.5 * eigvals / (a * eigvals + 1 - a))) @ eigvecs.T
     return mean + (x.reshape(len(x), -1) - a**0.5 * mean) @ filt
+
+
+def reference_fit(images: torch.Tensor, batch_size: int = 256):
+    flat = images.reshape(len(images), -1)
+    batches = [b.float() / 127.5 - 1 for b in flat.split(batch_size)]
+    mean = sum(b.sum(0) for b in batches) / len(flat)
+    cov = torch.zeros(flat.shape[1], flat.shape[1])
+    for b in batches:
+        centred = b - mean
+        cov += centred.T @ centred
+    eigvecs, eigvals, _ = torch.linalg.svd(cov / (len(flat) - 1))
+    return mean, eigvecs, eigvals
+
+
+def fit_ab(rounds: int, with_reference_64: bool) -> None:
+    """Our fit against the reference's, alternating; their posterior means compared at t = 0, 100, 500, 999."""
+    cases = [(32, 10000, True), (64, 2000, with_reference_64)]
+    print("| data | N | D | ours s | reference s | ours / reference | x0 difference at t = 0 / 100 / 500 / 999 |")
+    print("|---|---|---|---|---|---|---|")
+    for size, count, time_reference in cases:
+        images = da.load_builtin("patches", size=size, num_images=count).images
+        best = {"ours": float("inf"), "reference": float("inf")}
+        for _ in range(rounds):
+            start = time.perf_counter()
+            denoiser = da.WienerDenoiser.from_dataset(images, show_progress=False)
+            best["ours"] = min(best["ours"], time.perf_counter() - start)
+            if time_reference:
+                start = time.perf_counter()
+                mean, eigvecs, eigvals = reference_fit(images)
+                best["reference"] = min(best["reference"], time.perf_counter() - start)
+        difference = "-"
+        if time_reference:
+            x = images[:8].float() / 127.5 - 1
+            x = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+            differences = []
+            for t in (0, 100, 500, 999):
+                a = float(denoiser.alphas_cumprod[t])
+                ours = denoiser.denoise(x, t).reshape(8, -1).double()
+                theirs = reference_wiener(x, a, mean, eigvecs, eigvals).double()
+                differences.append(float(torch.linalg.norm(ours - theirs) / torch.linalg.norm(theirs)))
+            difference = " / ".join(f"{d:.1e}" for d in differences)
+        print(
+            f"| patches{size} | {count} | {images[0].numel()} | {best['ours']:.2f} | {best['reference']:.2f} | "
+            f"{best['ours'] / best['reference']:.3f} | {difference} |",
+            flush=True,
+        )
 
 
 def alternate(functions: dict, rounds: int, calls: int) -> dict:
@@ -61,9 +113,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="digits and D = 3072 only")
     parser.add_argument("--repeats", type=int, default=20, help="alternating rounds")
     parser.add_argument("--eigh", action="store_true", help="only the eigendecomposition A/B (2 rounds)")
+    parser.add_argument("--fit", action="store_true", help="only the fit A/B (2 rounds)")
+    parser.add_argument(
+        "--reference-64", action="store_true", help="with --fit: time the reference's fit at D = 12288 too (long)"
+    )
     args = parser.parse_args()
     if args.eigh:
         eigh_ab(rounds=2)
+        return
+    if args.fit:
+        fit_ab(rounds=2, with_reference_64=args.reference_64)
         return
 
     cases = [("digits", da.load_builtin("digits").images)]

@@ -2,11 +2,14 @@
 and the N x N Gram matrix when fewer images than dimensions were kept. Each fit is checked against numpy's float64
 covariance of the same images, at every noise level."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 
 import diffusers_analytic as da
+from diffusers_analytic.kernels import moments as moments_module
 from diffusers_analytic.kernels.moments import StreamingMoments, covariance_eigenbasis
 
 SHAPE = (3, 6, 6)  # D = 108
@@ -114,3 +117,30 @@ def test_pca_locality_fit_through_the_gram_route_matches_the_covariance_route():
     x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(2)) * 0.5 + 0.3
     for t in (999, 500, 100, 0):
         torch.testing.assert_close(fitted.denoise(x, t), by_covariance.denoise(x, t), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def caplog_warnings():
+    """Warnings logged by `kernels.moments` during the test."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger(moments_module.__name__)
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def test_a_long_fit_is_announced_before_its_float64_work(monkeypatch, caplog_warnings):
+    images = low_rank_images(120, seed=6)  # N >= D: the D x D route
+    da.WienerDenoiser.from_dataset(images, show_progress=False, value_range=None)
+    assert not caplog_warnings
+    monkeypatch.setattr(moments_module, "LONG_FIT_FLOPS", 1e5)
+    da.WienerDenoiser.from_dataset(images, show_progress=False, value_range=None)
+    messages = [record.getMessage() for record in caplog_warnings]
+    assert len(messages) == 2, messages
+    assert "covariance of 120 images" in messages[0] and "min at 50 GFLOP/s" in messages[0]
+    assert "Decomposing the 108 x 108 covariance" in messages[1]
+    caplog_warnings.clear()
+    da.WienerDenoiser.from_dataset(images[:50], show_progress=False, value_range=None)  # N < D: Gram route
+    assert not caplog_warnings

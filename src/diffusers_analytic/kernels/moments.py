@@ -7,6 +7,7 @@ from diffusers.utils import logging
 from tqdm.auto import tqdm
 
 from ..data import DataShard, ImageBatch, ImageSet, is_hf_dataset, iter_image_batches, to_model_space
+from .cost import CPU_FLOPS_FLOAT64, LONG_FIT_FLOPS, eigh_flops
 from .reductions import Communicator
 
 logger = logging.get_logger(__name__)
@@ -174,6 +175,7 @@ def covariance_eigenbasis(moments: StreamingMoments, rank: int | None = None):
         D - rank directions outside the kept ones.
     """
     if moments.rows is None:
+        _warn_if_long_eigh(moments.dim, moments.count)
         return eigen_decomposition(moments.covariance(), rank)
     if moments.count < 2:
         raise ValueError(f"The covariance needs at least 2 images, got {moments.count}.")
@@ -193,6 +195,29 @@ def covariance_eigenbasis(moments: StreamingMoments, rank: int | None = None):
         discarded = eigvals[kept:]
         floor = float(discarded[discarded > tolerance].sum()) / (dim - rank)
     return eigvecs, eigvals[:kept].contiguous(), floor
+
+
+def _warn_if_long_moments(dim: int, count: int) -> None:
+    """A warning with the estimated time before streaming `count` images into D x D float64 sums (2 N D^2 flops)."""
+    flops = 2.0 * count * float(dim) ** 2
+    if flops < LONG_FIT_FLOPS:
+        return
+    logger.warning(
+        f"Accumulating the {dim} x {dim} covariance of {count} images: about {flops / 1e12:.3g} TFLOP in float64, "
+        f"{flops / CPU_FLOPS_FLOAT64 / 60:.3g} min at {CPU_FLOPS_FLOAT64 / 1e9:.0f} GFLOP/s (a few CPU cores)."
+    )
+
+
+def _warn_if_long_eigh(dim: int, count: int) -> None:
+    """A warning with the estimated time before a D x D eigendecomposition above `LONG_FIT_FLOPS`."""
+    flops = eigh_flops(dim)
+    if flops < LONG_FIT_FLOPS:
+        return
+    logger.warning(
+        f"Decomposing the {dim} x {dim} covariance of {count} images: about {flops / 1e12:.3g} TFLOP in float64, "
+        f"{flops / CPU_FLOPS_FLOAT64 / 60:.3g} min at {CPU_FLOPS_FLOAT64 / 1e9:.0f} GFLOP/s (a few CPU cores). A fit "
+        f"on fewer than {dim} images takes the N x N Gram route instead (seconds)."
+    )
 
 
 def fit_moments(
@@ -230,6 +255,8 @@ def fit_moments(
         if shape is None:
             shape = tuple(batch.images.shape[1:])
             moments = StreamingMoments(shape[0] * shape[1] * shape[2], keep_rows=keep_rows)
+            if total is not None and (total >= moments.dim or not keep_rows):
+                _warn_if_long_moments(moments.dim, total)
         elif tuple(batch.images.shape[1:]) != shape:
             raise ValueError(f"All images must have the same shape; got {shape} and {tuple(batch.images.shape[1:])}.")
         moments.update(to_model_space(batch.images, torch.float64))

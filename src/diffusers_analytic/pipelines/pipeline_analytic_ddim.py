@@ -16,6 +16,7 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import __version__
+from ..kernels.cost import CPU_FLOPS, GPU_FLOPS, LONG_RUN_FLOPS
 from ..kernels.schedule import SCHEDULE_KEYS
 from ..saving import check_saved_version
 from ..schedulers import SchedulerAdapter, scheduler_parametrisation
@@ -96,14 +97,12 @@ def _check_call_arguments(batch_size, num_inference_steps, eta, output_type) -> 
         raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
 
 
-# A run whose estimated work exceeds this says so before it starts (about 10 minutes at 100 GFLOP/s), with the time it
-# would take at two stated rates: the float32 GEMM rate of a few CPU cores and a data-center GPU's.
-LONG_RUN_FLOPS = 6e13
-CPU_FLOPS, GPU_FLOPS = 1e11, 5e13
-
-
 def _warn_if_long(denoiser, batch_size: int, num_calls: int, guidance_scale) -> None:
-    """Logs a warning with the estimated work and time before a run that would take long (see `LONG_RUN_FLOPS`)."""
+    """
+    Logs a warning with the estimated work and time before a run that would take long (`LONG_RUN_FLOPS`, about 10
+    minutes at 100 GFLOP/s), with the time it would take at two stated rates (`kernels.cost`): the float32 GEMM rate
+    of a few CPU cores and a data-center GPU's.
+    """
     per_call = denoiser.estimated_flops(batch_size) if hasattr(denoiser, "estimated_flops") else None
     if per_call is None:
         return

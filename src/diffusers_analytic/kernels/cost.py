@@ -1,0 +1,18 @@
+"""Stated machine rates for the estimates logged before long work. They are round figures to size a run, not
+measurements (benchmarks/ measures the machine it runs on)."""
+
+from __future__ import annotations
+
+#: Float32 GEMM rate of a few CPU cores, and of a data-center GPU (TF32 matmuls), in flop/s.
+CPU_FLOPS, GPU_FLOPS = 1e11, 5e13
+#: Float64 rate of a few CPU cores (the fit's moments and eigendecomposition run in float64).
+CPU_FLOPS_FLOAT64 = 5e10
+#: Work above which a sampling run announces itself: about 10 minutes at `CPU_FLOPS`.
+LONG_RUN_FLOPS = 6e13
+#: Float64 work above which a fit announces its eigendecomposition: about a minute at `CPU_FLOPS_FLOAT64`.
+LONG_FIT_FLOPS = 3e12
+
+
+def eigh_flops(size: int) -> float:
+    """Flops of a symmetric eigendecomposition with vectors of a `size` x `size` matrix, about 9 n^3."""
+    return 9.0 * float(size) ** 3
