@@ -5,6 +5,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import diffusers_analytic as da
+from diffusers_analytic.data import to_model_space
 from diffusers_analytic.kernels import empirical, empirical_cpu, stored_images
 from diffusers_analytic.kernels.online_softmax import OnlineSoftmax
 
@@ -132,6 +133,8 @@ def test_both_paths_restrict_to_the_class(digits, digits_model_space, path_spy, 
 
 def test_the_path_follows_the_posterior_width(digits, digits_model_space, monkeypatch):
     # Unforced: a broad posterior (pure noise at t = 999) takes the fused path, a peaked one (t = 30) the general.
+    # (Pieces of 500 digits: all 1797 in one piece would take the one-GEMM path.)
+    monkeypatch.setattr(stored_images, "PIECE_BYTES", {"cpu": 4 * 64 * 500, "other": 4 * 64 * 500})
     counts = {"fused": 0}
     fused = empirical_cpu._fused_state
     monkeypatch.setattr(
@@ -143,6 +146,35 @@ def test_the_path_follows_the_posterior_width(digits, digits_model_space, monkey
     x = noisy_inputs(digits_model_space, denoiser.alphas_cumprod[30], 4, seed=0, from_data=True)
     denoiser.denoise(x.reshape(4, 1, 8, 8), 30)
     assert counts["fused"] == 1
+
+
+@pytest.mark.parametrize("storage_dtype", ["uint8", "float16", "float32"])
+@pytest.mark.parametrize("timestep", [999, 500, 30, 0])
+def test_a_small_set_is_one_gemm_over_a_decoded_copy(digits, digits_model_space, monkeypatch, storage_dtype, timestep):
+    # All 1797 digits fit in one piece: one GEMM and one softmax over a float32 copy made once, exact.
+    paths = {"one piece": 0, "blocks": 0}
+    one_piece, layouts = empirical_cpu._one_piece_logits, empirical_cpu._block_layouts
+    monkeypatch.setattr(
+        empirical_cpu,
+        "_one_piece_logits",
+        lambda *a: paths.update({"one piece": paths["one piece"] + 1}) or one_piece(*a),
+    )
+    monkeypatch.setattr(
+        empirical_cpu, "_block_layouts", lambda *a: paths.update(blocks=paths["blocks"] + 1) or layouts(*a)
+    )
+    denoiser = da.OptimalDenoiser.from_dataset(digits, storage_dtype=storage_dtype)
+    a = denoiser.alphas_cumprod[timestep]
+    x = noisy_inputs(digits_model_space, a, 5, seed=timestep, from_data=True)
+    out = denoiser.denoise(x.reshape(5, 1, 8, 8), timestep)
+    stored = to_model_space(denoiser.images, torch.float64).reshape(len(digits_model_space), -1)
+    assert relative_error(out, brute_force_optimal(x, a, stored)) <= 1e-4
+    assert paths == {"one piece": 1, "blocks": 0}
+    copy = denoiser.images_for_call()
+    assert copy.dtype == torch.float32 and (copy is denoiser.images) == (storage_dtype == "float32")
+    assert denoiser.images_for_call() is copy  # made once
+    denoiser.images[0] = denoiser.images[1]  # an in-place write refreshes it
+    assert denoiser.images_for_call() is not copy or storage_dtype == "float32"
+    torch.testing.assert_close(denoiser.images_for_call()[0], denoiser.images_for_call()[1])
 
 
 @pytest.mark.parametrize("temperature", [0.3, 2.5])

@@ -3,6 +3,9 @@ r"""The CPU fast path of the empirical posterior mean and the nearest-image sear
 Same math as the plain loop there, arranged for a CPU's caches and cores; every result is exact (the online-softmax
 states and argmins are merged exactly), and nothing process-wide is touched: no thread counts, no worker threads.
 
+0. One piece. When all stored images fit in one cache-sized piece (small data sets such as 8x8 digits), a call is
+   one GEMM over all of them and one softmax: no blocks, no pieces, no choice of path, where a call's fixed costs
+   (the number of small tensor operations) matter more than its arithmetic.
 1. Blocks. The stored images are viewed as G contiguous blocks, `[G, n, D]`, and each step runs one batched GEMM
    over all blocks (`torch.baddbmm`), which the BLAS spreads one block per core. A small batch's skinny GEMM
    `[B, D] x [D, n]` gains little from a second core inside one product; G independent products use them all.
@@ -92,6 +95,21 @@ class _Blocks:
         return logits
 
 
+def fits_one_piece(images: torch.Tensor, chunk_size: int) -> bool:
+    """Whether all stored images fit in one piece (`stored_images.piece_size`): the one-GEMM path (step 0 above)."""
+    return piece_size(images.device, chunk_size, images) >= len(images)
+
+
+def _one_piece_logits(query, neg_c2, images, sq_norms, labels, class_labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(logits [B, N], r [N, D])`: logits_i = query . r_i - c2 ||y'_i||^2 over all images (-inf off-class)."""
+    values = images.reshape(len(images), -1).to(torch.float32)  # r  [N, D]
+    logits = torch.addmm(torch.outer(neg_c2, sq_norms), query, values.T)  # [B, N]
+    if class_labels is not None:
+        other_class = (labels[None, :] != class_labels[:, None]) & (class_labels != ANY_CLASS)[:, None]
+        logits.masked_fill_(other_class, float("-inf"))
+    return logits, values
+
+
 def _block_layouts(num_images: int, batch_size: int) -> list[tuple[int, int, int]]:
     """`[(start, G, n)]`: G blocks of n images from `start`; the < G images left over form one more block."""
     blocks = num_blocks(num_images, batch_size)
@@ -109,6 +127,10 @@ def softmax_state(query, neg_c2, images, sq_norms, chunk_size, labels=None, clas
     logits query . r_i - c2 ||y'_i||^2 (see `kernels.empirical`): blocks, pieces, fused or general path.
     """
     softmax = OnlineSoftmax()
+    if fits_one_piece(images, chunk_size):
+        logits, values = _one_piece_logits(query, neg_c2, images, sq_norms, labels, class_labels)
+        softmax.update(logits, lambda weights: weights @ values)  # sum_i w_i r_i  [B, D]
+        return softmax
     for start, blocks, count in _block_layouts(len(images), len(query)):
         block = _Blocks(images, sq_norms, labels, start, blocks, count, chunk_size)
         softmax.merge(_block_state(block, query, neg_c2, chunk_size, class_labels).merge_leading())
@@ -215,6 +237,10 @@ def nearest_state(query, neg_a, images, sq_norms, chunk_size, labels=None, class
     `(index [B], score [B])`: the image with the highest query . r_i - a ||y'_i||^2 (the lowest score, its negative)
     over all `images`, the lower index on ties, as `kernels.empirical.nearest_indices` defines it.
     """
+    if fits_one_piece(images, chunk_size):
+        neg_scores, _ = _one_piece_logits(query, neg_a, images, sq_norms, labels, class_labels)
+        best, index = neg_scores.max(dim=1)  # (the lower index on ties)
+        return index, -best
     best_index = best_score = None
     for start, blocks, count in _block_layouts(len(images), len(query)):
         block = _Blocks(images, sq_norms, labels, start, blocks, count, chunk_size)

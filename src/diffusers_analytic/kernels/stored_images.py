@@ -22,6 +22,8 @@ STORAGE_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": tor
 # A piece of images as float32 is about this many bytes: a CPU core's L2 cache (pieces are read twice while in
 # cache); an accelerator takes large pieces, where small GEMMs would only add kernel launches.
 PIECE_BYTES = {"cpu": 1 << 21, "other": 1 << 26}
+# A stored set of at most this many bytes as float32 keeps a decoded float32 copy for the calls (`DecodedImages`).
+DECODED_COPY_BYTES = 1 << 21
 
 
 def collect_images(
@@ -165,6 +167,29 @@ class StoredImageStats:
                 sq_norms[start : start + len(chunk)] = (chunk.double() - mean64).square().sum(dim=1).float()
             self.mean, self.sq_norms, self._key, self._mean64 = mean64.float(), sq_norms, key, mean64
             return self.mean, self.sq_norms
+
+
+class DecodedImages:
+    """
+    A float32 model-space copy of a small stored-image buffer (at most `DECODED_COPY_BYTES` as float32, e.g. 8x8
+    digits), so that a call reads the images without converting each one again: on small data a call's cost is its
+    fixed work. Larger or float32 buffers are returned as they are. Refreshed when the buffer changes (load, `.to()`,
+    an in-place write, a data-parallel shard), never saved. Safe when threads race.
+    """
+
+    def __init__(self):
+        self._lock = CacheLock()
+        self._key = None
+        self._copy: torch.Tensor | None = None
+
+    def get(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.float32 or 4 * images.numel() > DECODED_COPY_BYTES:
+            return images
+        key = buffer_key(images)
+        with self._lock:
+            if key != self._key:
+                self._copy, self._key = to_model_space(images, torch.float32), key
+            return self._copy
 
 
 def piece_size(device: torch.device, chunk_size: int, images: torch.Tensor) -> int:

@@ -83,16 +83,17 @@ class NearestDatasetDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):
         # Notation: alpha_prod_t -> a, images -> y_1 .. y_N.
         stats = self.image_stats()  # (mu, ||y_i - mu||^2), derived from the stored images
+        images = self.images_for_call()  # (a float32 copy for a small set)
         # 1. i* = argmin_i ||x_t - sqrt(a) y_i||^2, streamed (restricted to each sample's class when asked).
         nearest, scores = nearest_indices(
             x_t.reshape(len(x_t), -1),
             alpha_prod_t,
-            self.images,
+            images,
             stats,
             self.config.chunk_size,
             labels=self.labels,
             class_labels=class_labels,
         )  # [B], [B]
         # 2. x0_hat = y_{i*}, converted from the stored dtype (a data-parallel shard takes the winner over all shards).
-        x0_hat = to_model_space(self.images[nearest], torch.float32)
+        x0_hat = to_model_space(images[nearest], torch.float32)
         return self._reduce_nearest(scores, nearest, x0_hat)[2]

@@ -132,7 +132,7 @@ class OptimalDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
                 x_flat,
                 alpha_prod_t,
                 beta_prod_t,
-                self.images,
+                self.images_for_call(),
                 stats,
                 config.chunk_size,
                 config.temperature,
@@ -157,6 +157,13 @@ class OptimalDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
             class_labels=class_labels,
         )
         x0_hat = posterior_mean_over_neighbors(
-            x_flat, alpha_prod_t, beta_prod_t, self.images, stats, neighbours, config.chunk_size, config.temperature
+            x_flat,
+            alpha_prod_t,
+            beta_prod_t,
+            self.images_for_call(),
+            stats,
+            neighbours,
+            config.chunk_size,
+            config.temperature,
         )  # [B, D]
         return x0_hat.reshape(x_t.shape)

@@ -111,7 +111,7 @@ class SmoothedCFDMDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
                 x_flat,
                 alpha_prod_t,
                 beta_prod_t,
-                self.images,
+                self.images_for_call(),
                 stats,
                 config.chunk_size,
                 config.temperature,
@@ -132,7 +132,14 @@ class SmoothedCFDMDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
             class_labels=class_labels,
         )
         return posterior_mean_over_neighbors(
-            x_flat, alpha_prod_t, beta_prod_t, self.images, stats, neighbours, config.chunk_size, config.temperature
+            x_flat,
+            alpha_prod_t,
+            beta_prod_t,
+            self.images_for_call(),
+            stats,
+            neighbours,
+            config.chunk_size,
+            config.temperature,
         )
 
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None):

@@ -12,7 +12,7 @@ from diffusers.utils import logging
 from ..data import DATA_SOURCE_KEYWORDS
 from ..kernels.online_softmax import OnlineSoftmax
 from ..kernels.reductions import all_reduce_nearest, all_reduce_online_softmaxes
-from ..kernels.stored_images import ANY_CLASS, StoredImageStats, collect_images, image_storage
+from ..kernels.stored_images import ANY_CLASS, DecodedImages, StoredImageStats, collect_images, image_storage
 from .modeling_analytic import AnalyticDenoiserMixin
 
 logger = logging.get_logger(__name__)
@@ -59,6 +59,7 @@ class StoredImagesMixin(AnalyticDenoiserMixin):
         else:
             self.labels = None
         self._image_stats = StoredImageStats()  # mean and centred norms of the images, derived at first use
+        self._decoded_images = DecodedImages()  # a float32 copy of a small image set, made at first use
         self._shard: DataParallelShard | None = None
         self._shard_labels: torch.Tensor | None = None
 
@@ -91,6 +92,13 @@ class StoredImagesMixin(AnalyticDenoiserMixin):
     def image_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`(mu [D], ||y_i - mu||^2 [N])` of the stored images, computed at first use after the buffer changes."""
         return self._image_stats.get(self.images, int(self.config.get("chunk_size", 1024)))
+
+    def images_for_call(self) -> torch.Tensor:
+        """
+        The stored images as a call reads them: a float32 model-space copy for a small set (see
+        [`~kernels.stored_images.DecodedImages`]), else the buffer itself; the same posterior either way.
+        """
+        return self._decoded_images.get(self.images)
 
     def _known_labels(self) -> torch.Tensor | None:
         if self._shard is not None:
