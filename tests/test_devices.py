@@ -138,3 +138,25 @@ def test_saved_on_the_device_loads_anywhere(fitted, device, tmp_path):
     torch.testing.assert_close(loaded.unet.denoise(x, 300), expected, rtol=0, atol=0)
     loaded.to(device)
     torch.testing.assert_close(loaded.unet.denoise(x.to(device), 300).cpu(), expected, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("count", [200, 40])  # the D x D covariance, and the N x N Gram route (N < D = 64)
+def test_fit_on_the_device_equals_the_cpu_fit(fitted, digits, device, count):
+    if device.type == "mps":
+        with pytest.raises(ValueError, match="float64"):
+            da.WienerDenoiser.from_dataset(digits.images[:count], show_progress=False, device=device)
+        return
+    data = digits.images[:count]
+    on_device = da.WienerDenoiser.from_dataset(data, show_progress=False, device=device)
+    on_cpu = da.WienerDenoiser.from_dataset(data, show_progress=False)
+    assert on_device.eigvecs.device.type == "cpu"  # returned on the CPU, like every fit
+    x = noisy_digits(digits, 0.5, 4, seed=3).reshape(4, 1, 8, 8)
+    for timestep in (999, 500, 10, 0):
+        torch.testing.assert_close(on_device.denoise(x, timestep), on_cpu.denoise(x, timestep), rtol=1e-4, atol=1e-5)
+    pca = da.PCALocalityDenoiser.from_dataset(data, mask_threshold=0.0, show_progress=False, device=device)
+    torch.testing.assert_close(pca.eigvals, on_cpu.eigvals, rtol=1e-4, atol=1e-6)
+
+
+def test_a_fit_refuses_mps_before_reading_data():
+    with pytest.raises(ValueError, match="MPS does not support"):
+        da.WienerDenoiser.from_dataset(torch.zeros(3, 1, 8, 8, dtype=torch.uint8), device="mps")

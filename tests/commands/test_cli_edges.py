@@ -130,6 +130,50 @@ def test_help_shows_defaults_and_each_methods_config_keys(capsys):
     assert "rank=null" in listed and "mask_threshold=0.02" in listed and 'storage_dtype="auto"' in listed
 
 
+def test_fit_device_is_checked_and_used(wiener, tmp_path, capsys):
+    import torch
+
+    from diffusers_analytic import AnalyticDDIMPipeline
+
+    assert (
+        main(
+            ["fit", "--method", "optimal", "--data", "digits", "--output-dir", str(tmp_path / "o"), "--device", "cpu"]
+        )
+        == 2
+    )
+    assert "--device applies to the fits that compute (wiener, pca_locality)" in one_line_error(
+        capsys.readouterr().err, "fit"
+    )
+    assert (
+        main(
+            [
+                "fit",
+                "--method",
+                "wiener",
+                "--data",
+                "digits",
+                "--output-dir",
+                str(tmp_path / "w"),
+                "--device",
+                "potato",
+            ]
+        )
+        == 2
+    )
+    assert "--device 'potato' is not a device of this machine" in one_line_error(capsys.readouterr().err, "fit")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+    assert (
+        main(["fit", "--method", "wiener", "--data", "digits", "--output-dir", str(tmp_path / "w"), "--device", "cpu"])
+        == 0
+    )
+    on_cpu, default = (
+        AnalyticDDIMPipeline.from_pretrained(tmp_path / "w").unet,
+        AnalyticDDIMPipeline.from_pretrained(wiener).unet,
+    )
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(on_cpu.denoise(x, 100), default.denoise(x, 100), rtol=0, atol=0)
+
+
 def test_fit_says_what_it_saved_in_plain_words(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(logging.getLogger("diffusers_analytic"), "propagate", True)
     with caplog.at_level(logging.INFO, logger="diffusers_analytic"):

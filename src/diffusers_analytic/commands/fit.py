@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)  # (the logger `diffusers.utils.logging.get
 
 # Methods whose `from_dataset` only streams moments (`fit_moments`), so that it accepts a `DataShard`.
 SHARDED_FIT_METHODS = ("wiener",)
+# Methods whose fit computes (float64 moments and an eigendecomposition) rather than only storing the images.
+COMPUTING_FIT_METHODS = ("wiener", "pca_locality")
 
 
 class ListConfigAction(argparse.Action):
@@ -68,6 +70,12 @@ def register(subparsers) -> None:
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the built-in `patches` set")
     parser.add_argument("--batch-size", type=int, default=256, help="images per streamed batch while fitting")
     parser.add_argument(
+        "--device",
+        default=None,
+        help="where the wiener / pca_locality fit computes its float64 moments and eigendecomposition: cpu (default), "
+        "cuda (this process's GPU), cuda:1; the saved model is the same",
+    )
+    parser.add_argument(
         "--config",
         action="append",
         default=[],
@@ -115,16 +123,26 @@ def run(args) -> None:
     from ..pipelines.pipeline_analytic_ddim import AnalyticDDIMPipeline
     from ..registry import check_config, get_denoiser_class
     from ..saving import save_atomically
+    from .common import resolve_device
 
     denoiser_class = get_denoiser_class(args.method)
     config = parse_overrides(args.config)
     check_config(denoiser_class, config)  # before the data pass
+    if args.device is not None and args.method not in COMPUTING_FIT_METHODS:
+        raise ValueError(
+            f"--device applies to the fits that compute ({', '.join(COMPUTING_FIT_METHODS)}); {args.method} only "
+            "stores the images."
+        )
+    device = None if args.device is None else resolve_device(args.device)  # a ValueError naming the devices here
     if os.path.exists(args.output_dir) and not args.overwrite:
         raise ValueError(f"{os.path.abspath(args.output_dir)} exists; pass --overwrite to replace it.")
     check_data_source(args.data)  # a typo or a missing folder, before any Hub request
     state = PartialState(cpu=not torch.cuda.is_available())
     if not state.is_main_process:
         diffusers_logging.set_verbosity_warning()
+    if args.device == "cuda":
+        device = state.device  # this process's GPU under `accelerate launch` (cuda:<local rank>)
+    fit_options = {} if device is None else {"device": device}
     data_kwargs = {
         key: value
         for key, value in (
@@ -146,7 +164,7 @@ def run(args) -> None:
             data = shard_data(data, state)
             logger.info(f"Fitting {args.method} on {state.num_processes} processes, each on its shard of the data.")
     denoiser = denoiser_class.from_dataset(
-        data, batch_size=args.batch_size, show_progress=state.is_main_process, **data_kwargs, **config
+        data, batch_size=args.batch_size, show_progress=state.is_main_process, **fit_options, **data_kwargs, **config
     )
     if state.is_main_process:
         save_atomically(AnalyticDDIMPipeline(unet=denoiser), args.output_dir, overwrite=args.overwrite)

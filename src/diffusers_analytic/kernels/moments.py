@@ -175,7 +175,8 @@ def covariance_eigenbasis(moments: StreamingMoments, rank: int | None = None):
         D - rank directions outside the kept ones.
     """
     if moments.rows is None:
-        _warn_if_long_eigh(moments.dim, moments.count)
+        if moments.sum.device.type == "cpu":
+            _warn_if_long_eigh(moments.dim, moments.count)
         return eigen_decomposition(moments.covariance(), rank)
     if moments.count < 2:
         raise ValueError(f"The covariance needs at least 2 images, got {moments.count}.")
@@ -226,6 +227,7 @@ def fit_moments(
     show_progress: bool = True,
     desc: str = "Fitting moments",
     keep_rows: bool = False,
+    device: torch.device | str | None = None,
     **data_kwargs,
 ) -> tuple[StreamingMoments, tuple[int, int, int]]:
     """
@@ -236,11 +238,17 @@ def fit_moments(
     returns the moments of the whole data set (equal to a single-process fit to float64 rounding).
 
     `keep_rows=True` keeps the images as rows while there are fewer than D of them, for
-    [`covariance_eigenbasis`]'s Gram route (a distributed fit adds them up as D x D sums).
+    [`covariance_eigenbasis`]'s Gram route (a distributed fit adds them up as D x D sums). `device` is where the
+    float64 sums live and are computed (default: the CPU); it must support float64 (not MPS).
 
     Returns:
         `(moments, (C, H, W))`.
     """
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "mps":
+        raise ValueError(
+            "A fit accumulates float64 moments, which MPS does not support; fit on the CPU (device='cpu')."
+        )
     shard = data if isinstance(data, DataShard) else None
     if shard is not None:
         data = shard.data
@@ -254,8 +262,8 @@ def fit_moments(
     for batch in iter_image_batches(data, batch_size=batch_size, **data_kwargs):
         if shape is None:
             shape = tuple(batch.images.shape[1:])
-            moments = StreamingMoments(shape[0] * shape[1] * shape[2], keep_rows=keep_rows)
-            if total is not None and (total >= moments.dim or not keep_rows):
+            moments = StreamingMoments(shape[0] * shape[1] * shape[2], device=device, keep_rows=keep_rows)
+            if device.type == "cpu" and total is not None and (total >= moments.dim or not keep_rows):
                 _warn_if_long_moments(moments.dim, total)
         elif tuple(batch.images.shape[1:]) != shape:
             raise ValueError(f"All images must have the same shape; got {shape} and {tuple(batch.images.shape[1:])}.")

@@ -127,6 +127,7 @@ class PCALocalityDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
         batch_size: int = 256,
         show_progress: bool = True,
         storage_dtype: str = "auto",
+        device=None,
         **config,
     ) -> PCALocalityDenoiser:
         r"""
@@ -141,6 +142,8 @@ class PCALocalityDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
             show_progress (`bool`, defaults to `True`): a tqdm bar while fitting.
             storage_dtype (`str`, defaults to `"auto"`): `"auto"` keeps 8-bit sources as uint8 and float sources as
                 float32; or `"uint8"`, `"float16"`, `"float32"`.
+            device (`str` or `torch.device`, *optional*): where the float64 moments and the eigendecomposition are
+                computed (default: the CPU), as in `WienerDenoiser.from_dataset`; the denoiser is returned on the CPU.
             **config: `temperature`, `mask_threshold`, `chunk_size`, the schedule, `prediction_type`; data-source
                 options `image_column`, `label_column`, `resolution`, `channels`, `labels`.
         """
@@ -149,7 +152,9 @@ class PCALocalityDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
             raise ValueError(
                 f"PCA locality needs at least 2 images (the covariance is undefined for fewer), got {len(stored)}."
             )
-        moments, shape = fit_moments(stored, batch_size=batch_size, show_progress=show_progress, keep_rows=True)
+        moments, shape = fit_moments(
+            stored, batch_size=batch_size, show_progress=show_progress, keep_rows=True, device=device
+        )
         denoiser = cls(**config)
         eigvecs, eigvals, _ = covariance_eigenbasis(moments)
         kept = len(eigvals)  # fewer than D for N < D images (Gram route): the other columns stay 0, eigenvalue 0

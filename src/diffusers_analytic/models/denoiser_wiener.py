@@ -69,7 +69,9 @@ class WienerDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         self._operator_lock = CacheLock()
 
     @classmethod
-    def from_dataset(cls, images, batch_size: int = 256, show_progress: bool = True, **config) -> WienerDenoiser:
+    def from_dataset(
+        cls, images, batch_size: int = 256, show_progress: bool = True, device=None, **config
+    ) -> WienerDenoiser:
         r"""
         Fits mean and unbiased (N - 1) covariance in float64, streamed over batches (memory O(D^2) whatever N),
         then its eigendecomposition in float64; eigenvalues clamped at 0, stored as float32. With fewer images than
@@ -81,12 +83,15 @@ class WienerDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
                 `[-1, 1]`, a uint8 tensor in `[0, 255]`, an `ImageSet`, a `datasets.Dataset`, an iterable of batches.
             batch_size (`int`, defaults to 256): images per streamed batch.
             show_progress (`bool`, defaults to `True`): a tqdm bar while fitting.
+            device (`str` or `torch.device`, *optional*): where the float64 moments and the eigendecomposition are
+                computed (default: the CPU). A GPU decomposes a 12288 x 12288 covariance in seconds where a few CPU
+                cores take many minutes. The fitted denoiser is returned on the CPU; move it with `.to()`.
             **config: `rank`, the schedule, `prediction_type`; data-source options `image_column`, `resolution`,
                 `channels`, `value_range`; `sample_size` / `in_channels` are read from the data.
         """
         data_kwargs = {k: config.pop(k) for k in DATA_SOURCE_KEYWORDS if k in config}
         moments, shape = fit_moments(
-            images, batch_size=batch_size, show_progress=show_progress, keep_rows=True, **data_kwargs
+            images, batch_size=batch_size, show_progress=show_progress, keep_rows=True, device=device, **data_kwargs
         )
         denoiser = cls(**cls._config_for_data(shape, config))
         eigvecs, eigvals, floor = covariance_eigenbasis(moments, denoiser.config.rank)
