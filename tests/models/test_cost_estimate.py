@@ -38,3 +38,26 @@ def test_a_long_run_is_announced_before_it_starts(digits_small, monkeypatch):
     assert len(records) == 1
     message = records[0].getMessage()
     assert "3 denoiser calls" in message and "OptimalDenoiser" in message and "min at 100 GFLOP/s" in message
+
+
+def test_a_long_single_call_is_announced(digits_small, monkeypatch):
+    from diffusers_analytic.models import modeling_analytic
+
+    denoiser = da.WienerDenoiser.from_dataset(digits_small, show_progress=False)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger(modeling_analytic.__name__)
+    logger.addHandler(handler)
+    try:
+        x = torch.randn(3, 1, 8, 8)
+        denoiser.denoise(x, 500)
+        assert not records
+        monkeypatch.setattr(modeling_analytic, "LONG_RUN_FLOPS", denoiser.estimated_flops(3))
+        denoiser.denoise(x, 500)
+        denoiser(x, 500)  # forward too
+    finally:
+        logger.removeHandler(handler)
+    assert len(records) == 2
+    message = records[0].getMessage()
+    assert "One WienerDenoiser call on 3 samples" in message and "min at 100 GFLOP/s" in message

@@ -16,3 +16,11 @@ LONG_FIT_FLOPS = 3e12
 def eigh_flops(size: int) -> float:
     """Flops of a symmetric eigendecomposition with vectors of a `size` x `size` matrix, about 9 n^3."""
     return 9.0 * float(size) ** 3
+
+
+def time_at_stated_rates(flops: float) -> str:
+    """`about X min at 100 GFLOP/s (a few CPU cores), Y s at 50 TFLOP/s (a data-center GPU)` for float32 work."""
+    return (
+        f"about {flops / CPU_FLOPS / 60:.3g} min at {CPU_FLOPS / 1e9:.0f} GFLOP/s (a few CPU cores), "
+        f"{flops / GPU_FLOPS:.3g} s at {GPU_FLOPS / 1e12:.0f} TFLOP/s (a data-center GPU)"
+    )

@@ -103,10 +103,13 @@ class WienerDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
         logger.info(f"Fitted a Wiener denoiser on {moments.count} images ({kept} non-zero eigenpairs kept).")
         return denoiser
 
+    def _operator_buffers(self) -> tuple:
+        held = self._buffers
+        return (held["mean"], held["eigvecs"], held["eigvals"], held["eigval_floor"])
+
     def _operator(self) -> _WienerOperator:
         """The buffers as the call uses them, rebuilt when one changes (`.to()`, loading, an in-place write)."""
-        held = self._buffers
-        buffers = (held["mean"], held["eigvecs"], held["eigvals"], held["eigval_floor"])
+        buffers = self._operator_buffers()
         operator = self.__dict__.get("_operator_cache")
         if operator is not None and operator.matches(buffers):
             return operator
@@ -119,7 +122,13 @@ class WienerDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
 
     def estimated_flops(self, batch_size: int) -> float:
         """Two GEMMs with the basis, `[B, D] x [D, r]` and back: 4 B D r (r: the eigenpairs a call uses)."""
-        used = self.eigvecs.shape[1] if float(self.eigval_floor) != 0.0 else int((self.eigvals != 0).sum())
+        operator = self.__dict__.get("_operator_cache")  # what the last call used (an estimate: no version check)
+        if operator is not None:
+            used = operator.eigvecs_t.shape[0]
+        elif float(self.eigval_floor) != 0.0:
+            used = self.eigvecs.shape[1]
+        else:
+            used = int((self.eigvals != 0).sum())
         return 4.0 * batch_size * math.prod(self.sample_shape) * used
 
     def _apply(self, fn, *args, **kwargs):

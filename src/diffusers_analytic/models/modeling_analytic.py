@@ -21,6 +21,7 @@ from diffusers.utils import logging
 
 from .. import __version__
 from ..kernels import schedule
+from ..kernels.cost import LONG_RUN_FLOPS, time_at_stated_rates
 from ..kernels.schedule import MIN_BETA_PROD, alphas_cumprod_from_schedule
 
 logger = logging.get_logger(__name__)
@@ -405,6 +406,7 @@ class AnalyticDenoiserMixin:
         guidance_scale = _check_guidance_scale(guidance_scale, labels)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} samples.")
+        self._warn_if_long_call(batch_size, guidance_scale)
         x_t = sample if sample.dtype == torch.float32 else sample.to(torch.float32)
         if x_t.device.type != "cpu":  # the schedule is float64 on the CPU already
             schedule_dtype = torch.float32 if x_t.device.type == "mps" else torch.float64
@@ -427,6 +429,18 @@ class AnalyticDenoiserMixin:
         multiply-add of its GEMMs), so that a long run can say so before it starts; None when a method gives none.
         """
         return None
+
+    def _warn_if_long_call(self, batch_size: int, guidance_scale) -> None:
+        """A warning with the estimated time before a single call above `kernels.cost.LONG_RUN_FLOPS`."""
+        flops = self.estimated_flops(batch_size)
+        if flops is None or flops < LONG_RUN_FLOPS:
+            return
+        if guidance_scale not in (None, 0.0, 1.0):
+            flops *= 2  # the unconditional and the class-conditional term
+        logger.warning(
+            f"One {type(self).__name__} call on {batch_size} samples needs about {flops / 1e12:.3g} TFLOP: "
+            f"{time_at_stated_rates(flops)}. A smaller batch or fewer stored images make it shorter."
+        )
 
     def _denoise(self, x_t, alpha_prod_t, beta_prod_t, generator=None, class_labels=None) -> torch.Tensor:
         """The closed form: x0_hat for float32 `x_t` `[B, C, H, W]`, float64 `alpha_prod_t`, `beta_prod_t` `[B]`."""

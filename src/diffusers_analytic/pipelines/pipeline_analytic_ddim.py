@@ -16,7 +16,7 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import __version__
-from ..kernels.cost import CPU_FLOPS, GPU_FLOPS, LONG_RUN_FLOPS
+from ..kernels.cost import LONG_RUN_FLOPS, time_at_stated_rates
 from ..kernels.schedule import SCHEDULE_KEYS
 from ..saving import check_saved_version
 from ..schedulers import SchedulerAdapter, scheduler_parametrisation
@@ -113,9 +113,8 @@ def _warn_if_long(denoiser, batch_size: int, num_calls: int, guidance_scale) -> 
         return
     logger.warning(
         f"This run needs about {total / 1e12:.3g} TFLOP ({num_calls} denoiser calls of {per_call / 1e9:.3g} GFLOP "
-        f"for {batch_size} images with {type(denoiser).__name__}): about {total / CPU_FLOPS / 60:.3g} min at "
-        f"{CPU_FLOPS / 1e9:.0f} GFLOP/s (a few CPU cores), {total / GPU_FLOPS:.3g} s at {GPU_FLOPS / 1e12:.0f} TFLOP/s "
-        "(a data-center GPU). Fewer images, steps or stored images make it shorter."
+        f"for {batch_size} images with {type(denoiser).__name__}): {time_at_stated_rates(total)}. Fewer images, "
+        "steps or stored images make it shorter."
     )
 
 
