@@ -134,10 +134,11 @@ def run(args) -> None:
             "stores the images."
         )
     device = None if args.device is None else resolve_device(args.device)  # a ValueError naming the devices here
+    state = PartialState(cpu=not torch.cuda.is_available())
     if os.path.exists(args.output_dir) and not args.overwrite:
         raise ValueError(f"{os.path.abspath(args.output_dir)} exists; pass --overwrite to replace it.")
     check_data_source(args.data)  # a typo or a missing folder, before any Hub request
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state.wait_for_everyone()  # every process has looked at the output folder before the main one writes it
     if not state.is_main_process:
         diffusers_logging.set_verbosity_warning()
     if args.device == "cuda":
