@@ -7,8 +7,8 @@ the GPU, and the CLI on a GPU. Finishes in a few minutes on one GPU; writes `gpu
     with three schedulers, class labels, save/load across devices.
 (b) Per method, B = 64 at 32x32x3 and 64x64x3 (natural-image patches): ms per `denoise` call in float32, with TF32
     matmuls allowed, and with bfloat16 input, and each result's relative difference from float32. Statistics that need
-    an eigendecomposition (Wiener, PCA locality) are fitted on the device in float64 (`fit_on_device`), so that the
-    64x64 fits take seconds, not the CPU's minutes. N per method keeps the whole run short (see `SIZES`).
+    an eigendecomposition (Wiener, PCA locality) are fitted on the device in float64 (`from_dataset(device=...)`), so
+    that the 64x64 fits take seconds, not the CPU's minutes. N per method keeps the whole run short (see `SIZES`).
 (c) faiss: whether it imports, how many GPUs it sees, and a top-k call through the GPU index when it has one.
 (d) The CLI: `generate --device cuda`, and under `accelerate launch --num_processes 1`.
 Every step records what happened (an exception is a row with its message), so one failure does not hide the rest.
@@ -30,7 +30,6 @@ import torch
 from timing import best_time
 
 import diffusers_analytic as da
-from diffusers_analytic.data import to_model_space
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (method, image size) -> number of stored images, and the config used
@@ -48,27 +47,11 @@ TIMESTEPS = (900, 500, 100)
 
 
 def fit_on_device(method: str, images: torch.Tensor, device: torch.device):
-    """The denoiser of `method` fitted on `images` (uint8 `[N, C, H, W]`); mean, covariance and eigh on `device`."""
+    """The denoiser of `method` fitted on `images` (uint8 `[N, C, H, W]`); float64 moments and eigh on `device`."""
     cls = da.get_denoiser_class(method)
     if method not in ("wiener", "pca_locality"):
         return cls.from_dataset(images, **CONFIGS.get(method, {}))
-    flat = to_model_space(images.to(device), torch.float64).reshape(len(images), -1)  # [N, D]
-    mean = flat.mean(0)
-    centred = flat - mean
-    covariance = centred.T @ centred / (len(flat) - 1)
-    eigvals, eigvecs = torch.linalg.eigh(covariance)
-    eigvals, eigvecs = eigvals.flip(0).clamp(min=0.0), eigvecs.flip(1)
-    channels, height, width = images.shape[1:]
-    config = {"in_channels": channels, "sample_size": height}
-    if method == "pca_locality":
-        config |= {"num_images": len(images), "storage_dtype": "uint8"}
-    denoiser = cls(**config)
-    denoiser.mean.copy_(mean.float().cpu())
-    denoiser.eigvecs.copy_(eigvecs.float().cpu())
-    denoiser.eigvals.copy_(eigvals.float().cpu())
-    if method == "pca_locality":
-        denoiser.images.copy_(images)
-    return denoiser
+    return cls.from_dataset(images, show_progress=False, device=device, **CONFIGS.get(method, {}))
 
 
 def denoise(denoiser, method: str, sample: torch.Tensor, timestep: int, device: torch.device) -> torch.Tensor:
