@@ -82,6 +82,7 @@ def path_spy(monkeypatch):
     monkeypatch.setattr(empirical_cpu, "_fused_state", count_fused)
     monkeypatch.setattr(empirical_cpu, "_general_update", count_general)
     monkeypatch.setattr(stored_images, "PIECE_BYTES", {"cpu": 4 * 64 * 5, "other": 4 * 64 * 5})  # 5 digits per piece
+    monkeypatch.setattr(stored_images, "MIN_PIECE_IMAGES", 1)
 
     def force(path):
         monkeypatch.setattr(empirical_cpu, "BROAD_ACTIVE_FRACTION", 0.0 if path == "fused" else 2.0)
@@ -118,6 +119,7 @@ def test_both_paths_match_float64_brute_force(digits, digits_model_space, path_s
 def test_both_paths_restrict_to_the_class(digits, digits_model_space, path_spy, path, monkeypatch):
     # (the fused path needs every requested class in its first piece: 50 digits per piece here)
     monkeypatch.setattr(stored_images, "PIECE_BYTES", {"cpu": 4 * 64 * 50, "other": 4 * 64 * 50})
+    monkeypatch.setattr(stored_images, "MIN_PIECE_IMAGES", 1)
     denoiser = da.OptimalDenoiser.from_dataset(digits, chunk_size=100)
     labels = torch.tensor([2, 2, 9])
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(7))
@@ -135,6 +137,7 @@ def test_the_path_follows_the_posterior_width(digits, digits_model_space, monkey
     # Unforced: a broad posterior (pure noise at t = 999) takes the fused path, a peaked one (t = 30) the general.
     # (Pieces of 500 digits: all 1797 in one piece would take the one-GEMM path.)
     monkeypatch.setattr(stored_images, "PIECE_BYTES", {"cpu": 4 * 64 * 500, "other": 4 * 64 * 500})
+    monkeypatch.setattr(stored_images, "MIN_PIECE_IMAGES", 1)
     counts = {"fused": 0}
     fused = empirical_cpu._fused_state
     monkeypatch.setattr(
@@ -146,6 +149,14 @@ def test_the_path_follows_the_posterior_width(digits, digits_model_space, monkey
     x = noisy_inputs(digits_model_space, denoiser.alphas_cumprod[30], 4, seed=0, from_data=True)
     denoiser.denoise(x.reshape(4, 1, 8, 8), 30)
     assert counts["fused"] == 1
+
+
+def test_pieces_hold_at_least_min_piece_images():
+    large = torch.zeros(1000, 3, 64, 64, dtype=torch.uint8)  # 2 MiB of float32 is 42 of these
+    assert stored_images.piece_size(torch.device("cpu"), 4096, large) == stored_images.MIN_PIECE_IMAGES
+    assert stored_images.piece_size(torch.device("cpu"), 100, large) == 100  # chunk_size still caps it
+    small = torch.zeros(5000, 3, 8, 8, dtype=torch.uint8)
+    assert stored_images.piece_size(torch.device("cpu"), 4096, small) == stored_images.PIECE_BYTES["cpu"] // (4 * 192)
 
 
 @pytest.mark.parametrize("storage_dtype", ["uint8", "float16", "float32"])
