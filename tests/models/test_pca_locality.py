@@ -111,8 +111,8 @@ def test_sparse_tilings_are_exact(patch_denoiser, variant, timesteps):
     for t in timesteps:
         alpha_prod = float(denoiser.alphas_cumprod[t])
         mask = denoiser.locality_mask(alpha_prod).mask
-        entry = denoiser._prepare_mask(mask, 2, variants=(variant,), max_tile_pixels=12)
-        assert len(entry.tiles) == 64
+        entry = denoiser._prepare_mask(mask, 2, paths=("tiles",), variants=(variant,), max_tile_pixels=12)
+        assert entry.path == "tiles" and len(entry.tiles) == 64
         assert all(
             q_idx is not None and complement == (variant == "complement") for _, q_idx, complement in entry.tiles
         )

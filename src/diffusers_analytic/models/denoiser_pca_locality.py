@@ -17,7 +17,7 @@ from ..kernels.online_softmax import OnlineSoftmax
 from ..kernels.schedule import MIN_BETA_PROD
 from ..kernels.stored_images import STORAGE_DTYPES, CacheLock, buffer_key, image_chunks
 from .modeling_analytic import check_finite_positive
-from .pca_mask import LocalityMask, locality_tiles, pca_locality_mask
+from .pca_mask import LocalityMask, pca_locality_mask, prepare_locality_mask
 from .stored_images import StoredImagesMixin
 
 logger = logging.get_logger(__name__)
@@ -44,15 +44,21 @@ class PCALocalityDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
     exact only when the whole data set is one batch.
 
     Speed: the mask of a noise level is computed once (one symmetric float64 D x D product) and cached (an LRU of
-    `mask_cache_size` noise levels keyed by `a`). An all-ones mask (high noise) is the optimal denoiser: one
-    `[B, D] x [D, n]` GEMM per chunk. A dense mask is one GEMM `[B n, D] x [D, D]` per piece of n images (the
-    per-input terms (2 sqrt(a) x_t[q] - a y_i[q]) y_i[q] against M): B N D^2 multiply-adds at the GEMM rate, for
-    every pixel at once. When tiles of neighbouring pixels share a small support (or a small complement support, for
-    nearly full masks) only that support is read: per tile, the cross term sum_q x_t[q] M[q, p] y_i[q] is one GEMM
-    `[B P, K] x [K, n]` and the data term sum_q M[q, p] y_i[q]^2 one `[P, K] x [K, n]` shared by the batch (the
-    query term sum_q M[q, p] x_t[q]^2 cancels in the softmax). On natural 32x32 patches the binarised masks are
-    sparse at low noise but not spatially coherent (at t = 0 a column has ~300 of 3072 entries, yet a 2x2 block of
-    pixels of one channel reads ~950 inputs and shares only ~9), so the dense GEMM is what runs at most steps there.
+    `mask_cache_size` noise levels keyed by `a`) with the evaluation a cost model picks for it
+    ([`~models.pca_mask.prepare_locality_mask`]). An all-ones mask (high noise) is the optimal denoiser: one
+    `[B, D] x [D, n]` GEMM per chunk. Otherwise the logits are the per-input terms
+    z[b, i, q] = (2 sqrt(a) x_t[q] - a y_i[q]) y_i[q] / (2 (1 - a) tau) against M, for every pixel at once:
+
+    - dense: one GEMM `[B n, D] x [D, D]` per piece of n images, B N D^2 multiply-adds at the GEMM rate;
+    - sparse (few non-zeros, low noise): CSR M^T times z^T `[D, B n]`, B nnz(M) multiply-adds per image;
+    - complement (nearly full masks): the row sum of z (the full distance) minus CSR (1 - M)^T times z^T;
+    - tiles: blocks of neighbouring pixels that share a small support (or complement support) read only that
+      support, a GEMM `[B P, K] x [K, n]` per tile and a data term shared by the batch.
+
+    A CSR product runs at memory speed, about a tenth of the GEMM's multiply-add rate on a CPU, so it pays only below
+    about 10% non-zeros (of M or of 1 - M); soft masks (`mask_threshold = 0`) and devices without a measured sparse
+    rate stay dense. On natural 32x32 patches the masks are 10-90% full between t = 600 and t = 100, where the dense
+    GEMM runs; the query term sum_q M[q, p] x_t[q]^2 cancels in the softmax on every path.
 
     Args:
         sample_size (`int` or `(int, int)`, defaults to 32): image height and width.
@@ -194,16 +200,12 @@ class PCALocalityDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
                 self._mask_cache.popitem(last=False)
             return entry
 
-    def _prepare_mask(self, mask: torch.Tensor, batch_size: int = 8, **tiling) -> LocalityMask:
-        """A mask `[D, D]` (bool or float) with its tiles (see [`~models.pca_mask.locality_tiles`])."""
-        if mask.dtype == torch.bool:
-            nonzero = int(mask.sum())
-            all_ones = nonzero == mask.numel()
-        else:
-            nonzero = int((mask != 0).sum())
-            all_ones = False
-        tiles = [] if all_ones else locality_tiles(mask, self.sample_shape, batch_size=batch_size, **tiling)
-        return LocalityMask(mask, tiles, nonzero / mask.numel(), all_ones)
+    def _prepare_mask(self, mask: torch.Tensor, batch_size: int = 8, **options) -> LocalityMask:
+        """
+        A mask `[D, D]` (bool or float) with the evaluation its cost model picks (see
+        [`~models.pca_mask.prepare_locality_mask`]; `options`: `paths` and the tiling's options).
+        """
+        return prepare_locality_mask(mask, self.sample_shape, batch_size=batch_size, **options)
 
     # ------------------------------------------------------------------ the closed form
     def estimated_flops(self, batch_size: int) -> float:
@@ -266,21 +268,33 @@ class PCALocalityDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
         mean = self.mean.to(x_t.device, torch.float32)
         x_c = x_t - sqrt_a * mean  # x - sqrt(a) mu  [B, D]
 
-        # 3. Dense formulation (no tiling reads less, or a soft mask): per piece of n images,
+        # 3. Dense formulation and its sparse products: per piece of n images, the per-input terms
         #    z[b, i, q] = (2 sqrt(a) x[b, q] - a y_i[q]) y_i[q] / (2 (1 - a) tau)
-        #    logit[b, i, p] = sum_q z[b, i, q] M[q, p]          one GEMM  [B n, D] x [D, D]  for all pixels
+        #    logit[b, i, p] = sum_q z[b, i, q] M[q, p]
         #    (the cross and data terms of the tiles below in one product; sum_q M x^2 cancels in the softmax, and
         #    leaving it out keeps the float32 sums small), streamed through one online softmax per (b, p) with
-        #    values y_i[p].
-        if mask.dense:
+        #    values y_i[p]. "dense": one GEMM  [B n, D] x [D, D]  for all pixels. "sparse": CSR M^T  [D, D]  times
+        #    z^T  [D, B n]. "complement" (nearly full masks): sum_q z[b, i, q] (the full distance's logit, a row sum)
+        #    minus CSR (1 - M)^T times z^T.
+        if mask.dense or mask.path in ("sparse", "complement"):
             dim = x_t.shape[1]
-            weights = mask.mask.to(torch.float32)  # M  [D, D] (rebuilt per call: 4 D^2 bytes)
+            weights = mask.mask.to(torch.float32) if mask.dense else None  # M  [D, D] (rebuilt per call: 4 D^2 bytes)
             softmax = OnlineSoftmax()
             piece = min(chunk_size, max(1, DENSE_PIECE_ROWS // batch_size))
             for _, y in image_chunks(self.images, piece, indices=subset, device=x_t.device):
                 y_c = y - mean  # [n, D]
-                z = (x_c[:, None, :] * (2.0 * sqrt_a * scale) - y_c * (alpha_prod * scale)).mul_(y_c)  # [B, n, D]
-                logits = (z.reshape(-1, dim) @ weights).reshape(batch_size, len(y_c), dim).transpose(1, 2)  # [B, D, n]
+                num = len(y_c)
+                if mask.dense:
+                    z = (x_c[:, None, :] * (2.0 * sqrt_a * scale) - y_c * (alpha_prod * scale)).mul_(y_c)  # [B, n, D]
+                    logits = (z.reshape(-1, dim) @ weights).reshape(batch_size, num, dim).transpose(1, 2)  # [B, D, n]
+                else:
+                    y_t = y_c.T.contiguous()  # [D, n]
+                    z = (x_c.T[:, :, None] * (2.0 * sqrt_a * scale) - y_t[:, None, :] * (alpha_prod * scale)).mul_(
+                        y_t[:, None, :]
+                    )  # z^T  [D, B, n]
+                    logits = (mask.sparse @ z.reshape(dim, -1)).reshape(dim, batch_size, num).permute(1, 0, 2)
+                    if mask.path == "complement":
+                        logits = logits.neg_().add_(z.sum(0)[:, None, :])  # [B, D, n]
                 softmax.update(logits, lambda w, y_c=y_c: w.mul_(y_c.T).sum(-1))
             softmax = self._reduce_softmax(softmax, (batch_size, dim), (), x_t.device)  # data-parallel shards
             return mean + softmax.result()

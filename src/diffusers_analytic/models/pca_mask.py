@@ -3,9 +3,30 @@ each output pixel sees at one noise level, and how the masked distances are grou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+# The cost model that picks how the masked distances of one noise level are evaluated (`prepare_locality_mask`). All
+# four evaluations do the same work per stored image, the logits of every (sample, output pixel) pair; they differ in
+# how many multiply-adds that takes and at what rate they run. Costs are counted in multiply-adds of the dense GEMM
+# `[B n, D] x [D, D]`, i.e. each evaluation's multiply-adds divided by its rate relative to that GEMM:
+#
+#   dense       B D^2                                   the GEMM itself (efficiency 1 by definition)
+#   sparse      B nnz(M) / SPARSE_PRODUCT_EFFICIENCY    CSR M^T times the per-input terms z^T  [D, B n]
+#   complement  B nnz(1 - M) / SPARSE_PRODUCT_EFFICIENCY + B D     the full row sum of z minus CSR (1 - M)^T z^T
+#   tiles       (the tiling's own estimate, see `locality_tiles`) / TILE_EFFICIENCY
+#
+# SPARSE_PRODUCT_EFFICIENCY is the sparse product's multiply-add rate over the dense GEMM's, measured on the CPU
+# (MKL, 2 cores, D = 3072, B n = 2048; benchmarks/README.md, "PCA locality: dense GEMM, sparse and complement
+# products"): a CSR x dense product reads one row of the dense operand (B n floats) per non-zero, so it runs at memory
+# speed, 0.10-0.14 of the GEMM's rate at 6-18% non-zeros (0.04-0.06 at 30-45%); 0.1 puts the break-even at 10%
+# non-zeros (of M, or of 1 - M for nearly full masks), where the measured ratio holds. It is keyed by device type;
+# where no rate was measured (GPUs, MPS) the sparse products are not used.
+SPARSE_PRODUCT_EFFICIENCY = {"cpu": 0.1}
+# Tiles (gathers and small GEMMs over the union of a tile's supports) run at about 0.45 of the dense GEMM's rate.
+TILE_EFFICIENCY = 0.45
+EVALUATION_PATHS = ("dense", "sparse", "complement", "tiles")
 
 
 def wiener_gains(eigvals: torch.Tensor, alpha_prod: float) -> torch.Tensor:
@@ -158,16 +179,80 @@ def locality_tiles(
     return best
 
 
+def tiling_cost(
+    tiles: list, dim: int, batch_size: int, gather_cost: float = 64.0, tile_overhead: float = 2e4
+) -> float:
+    """The estimate `locality_tiles` minimises, for a given tiling: multiply-adds per stored image, at tile rate."""
+    cost = sum(
+        (dim if q_idx is None else len(q_idx)) * (len(p_idx) * (batch_size + 1) + gather_cost)
+        for p_idx, q_idx, _ in tiles
+    )
+    cost += tile_overhead * len(tiles)
+    if any(complement for *_, complement in tiles):
+        cost += dim * (batch_size + 1)
+    return float(cost)
+
+
 @dataclass
 class LocalityMask:
-    """The mask of one noise level, prepared for the distance computation (see `PCALocalityDenoiser.locality_mask`)."""
+    """The mask of one noise level, prepared for the distance computation (see `prepare_locality_mask`)."""
 
     mask: torch.Tensor  # [D, D] bool (binarised) or float32 (soft R)
     tiles: list  # [(p_idx [P], q_idx [K] or None, complement)]: see `locality_tiles`
     nonzero_fraction: float  # share of non-zero mask entries
     all_ones: bool  # the mask is all ones: the optimal denoiser
+    path: str = "dense"  # "ones", "dense", "sparse", "complement" or "tiles": how the distances are evaluated
+    sparse: torch.Tensor | None = None  # "sparse": CSR M^T; "complement": CSR (1 - M)^T; float32 [D, D]
+    costs: dict = field(default_factory=dict)  # the cost model's estimate per candidate path (see above)
 
     @property
     def dense(self) -> bool:
-        """The tiling reads every input for every output pixel: the dense formulation, one GEMM for all pixels."""
-        return not self.all_ones and all(q_idx is None and not complement for _, q_idx, complement in self.tiles)
+        """The dense formulation: one GEMM `[B n, D] x [D, D]` for all pixels."""
+        return self.path == "dense"
+
+
+def prepare_locality_mask(
+    mask: torch.Tensor,
+    sample_shape: tuple[int, int, int],
+    batch_size: int = 8,
+    paths: tuple[str, ...] = EVALUATION_PATHS,
+    **tiling,
+) -> LocalityMask:
+    """
+    A mask `[D, D]` (bool or float) with the evaluation the cost model above picks for it: the all-ones shortcut,
+    the dense GEMM, a CSR product of the mask (`"sparse"`) or of its complement (`"complement"`), or tiles. A soft
+    (float) mask is always dense.
+
+    Args:
+        mask (`torch.Tensor`): `[D, D]`, bool (binarised) or float32 (soft R).
+        sample_shape (`(C, H, W)`): the image shape.
+        batch_size (`int`): B, the samples that share the mask (it scales every cost alike but the tiles' data
+            term).
+        paths (`tuple[str]`): the candidates (all by default; restricting them is for tests and benchmarks: the result
+            does not depend on it). `"dense"` is used when no candidate applies.
+        **tiling: passed to `locality_tiles`.
+    """
+    dim = mask.shape[0]
+    if mask.dtype != torch.bool:
+        tiles = locality_tiles(mask, sample_shape, batch_size=batch_size, **tiling)
+        return LocalityMask(mask, tiles, float((mask != 0).sum()) / mask.numel(), False)
+    nonzero = int(mask.sum())
+    if nonzero == mask.numel():
+        return LocalityMask(mask, [], 1.0, True, path="ones")
+
+    costs = {"dense": float(batch_size * dim * dim)} if "dense" in paths else {}
+    efficiency = SPARSE_PRODUCT_EFFICIENCY.get(mask.device.type)
+    if efficiency is not None:
+        if "sparse" in paths:
+            costs["sparse"] = batch_size * nonzero / efficiency
+        if "complement" in paths:
+            costs["complement"] = batch_size * (mask.numel() - nonzero) / efficiency + batch_size * dim
+    tiles = locality_tiles(mask, sample_shape, batch_size=batch_size, **tiling)
+    if "tiles" in paths and any(q_idx is not None for _, q_idx, _ in tiles):
+        costs["tiles"] = tiling_cost(tiles, dim, batch_size) / TILE_EFFICIENCY
+    path = min(costs, key=costs.get) if costs else "dense"
+    sparse = None
+    if path in ("sparse", "complement"):
+        support = mask if path == "sparse" else ~mask
+        sparse = support.T.to(torch.float32).to_sparse_csr()  # rows: output pixels p, columns: inputs q
+    return LocalityMask(mask, tiles, nonzero / mask.numel(), False, path=path, sparse=sparse, costs=costs)
