@@ -291,14 +291,15 @@ def test_cached_operator_is_built_once_when_threads_race(gaussian_fit):
     assert all(op is operators[0] for op in operators)
 
 
-@pytest.mark.parametrize("copy_limit", [0, 1 << 20])
-def test_both_basis_layouts_and_point_masses_match_float64(gaussian_fit, monkeypatch, copy_limit):
+@pytest.mark.parametrize("copy_limit, blocks", [(0, 1), (1 << 20, 1), (0, 3), (1 << 20, 4)])
+def test_both_basis_layouts_and_point_masses_match_float64(gaussian_fit, monkeypatch, copy_limit, blocks):
     """A schedule that starts at a = 1 and zero eigenvalues (shrinkage 0, no NaN); negative eigenvalues take the
     masked path; a per-sample batch of timesteps; the floor of a rank cut; the basis used as stored or as a
-    transposed copy."""
+    transposed copy, in one GEMM or in blocks of eigenvectors side by side (with some left over)."""
     from diffusers_analytic.models import denoiser_wiener
 
     monkeypatch.setattr(denoiser_wiener, "_COPY_LIMIT", copy_limit)
+    monkeypatch.setattr(denoiser_wiener, "_num_basis_blocks", lambda basis, batch_size: blocks)
     data, _ = gaussian_fit
     betas = [0.0] + torch.linspace(1e-4, 0.02, 999, dtype=torch.float64).tolist()
     denoiser = da.WienerDenoiser.from_dataset(data, trained_betas=betas, show_progress=False, value_range=None)
@@ -369,3 +370,14 @@ def test_moving_the_model_drops_the_cached_operator(digits):
     denoiser.to(torch.float64)
     assert "_operator_cache" not in denoiser.__dict__  # the old float32 buffers are not kept alive
     torch.testing.assert_close(denoiser.to(torch.float32).denoise(x, 300), expected)
+
+
+def test_basis_blocks_follow_the_batch_and_the_basis_size():
+    from diffusers_analytic.models import denoiser_wiener
+
+    threads = torch.get_num_threads()
+    large, small = torch.empty(3072, 3072), torch.empty(64, 64)
+    assert denoiser_wiener._num_basis_blocks(large, 8) == min(threads, 9)
+    assert denoiser_wiener._num_basis_blocks(large, denoiser_wiener.BASIS_BLOCK_BATCH + 1) == 1
+    assert denoiser_wiener._num_basis_blocks(small, 8) == 1
+    assert torch.get_num_threads() == threads
