@@ -61,3 +61,23 @@ def test_a_long_single_call_is_announced(digits_small, monkeypatch):
     assert len(records) == 2
     message = records[0].getMessage()
     assert "One WienerDenoiser call on 3 samples" in message and "min at 100 GFLOP/s" in message
+
+
+def test_elementwise_methods_are_announced_at_their_share_of_the_gemm_rate(digits_small, monkeypatch):
+    from diffusers_analytic.models import modeling_analytic
+
+    denoiser = da.LocalScoreDenoiser.from_dataset(digits_small.images[:20], patch_size_schedule=3)
+    flops = denoiser.estimated_flops(2)
+    # above the threshold only once divided by LS's share of the GEMM rate
+    monkeypatch.setattr(modeling_analytic, "LONG_RUN_FLOPS", 0.5 * flops / denoiser.gemm_rate_fraction)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger(modeling_analytic.__name__)
+    logger.addHandler(handler)
+    try:
+        denoiser.denoise(torch.randn(2, 1, 8, 8), 500)
+    finally:
+        logger.removeHandler(handler)
+    assert len(records) == 1
+    assert "3% of the GEMM rate" in records[0].getMessage() and "at 3 GFLOP/s" in records[0].getMessage()

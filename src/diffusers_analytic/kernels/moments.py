@@ -7,7 +7,7 @@ from diffusers.utils import logging
 from tqdm.auto import tqdm
 
 from ..data import DataShard, ImageBatch, ImageSet, is_hf_dataset, iter_image_batches, to_model_space
-from .cost import CPU_FLOPS_FLOAT64, LONG_FIT_FLOPS, eigh_flops
+from .cost import CPU_EIGH_FLOPS, CPU_FLOPS_FLOAT64, LONG_FIT_SECONDS, eigh_flops
 from .reductions import Communicator
 
 logger = logging.get_logger(__name__)
@@ -201,7 +201,7 @@ def covariance_eigenbasis(moments: StreamingMoments, rank: int | None = None):
 def _warn_if_long_moments(dim: int, count: int) -> None:
     """A warning with the estimated time before streaming `count` images into D x D float64 sums (2 N D^2 flops)."""
     flops = 2.0 * count * float(dim) ** 2
-    if flops < LONG_FIT_FLOPS:
+    if flops / CPU_FLOPS_FLOAT64 < LONG_FIT_SECONDS:
         return
     logger.warning(
         f"Accumulating the {dim} x {dim} covariance of {count} images: about {flops / 1e12:.3g} TFLOP in float64, "
@@ -210,14 +210,15 @@ def _warn_if_long_moments(dim: int, count: int) -> None:
 
 
 def _warn_if_long_eigh(dim: int, count: int) -> None:
-    """A warning with the estimated time before a D x D eigendecomposition above `LONG_FIT_FLOPS`."""
+    """A warning with the estimated time before a D x D eigendecomposition of more than `LONG_FIT_SECONDS`."""
     flops = eigh_flops(dim)
-    if flops < LONG_FIT_FLOPS:
+    if flops / CPU_EIGH_FLOPS < LONG_FIT_SECONDS:
         return
     logger.warning(
         f"Decomposing the {dim} x {dim} covariance of {count} images: about {flops / 1e12:.3g} TFLOP in float64, "
-        f"{flops / CPU_FLOPS_FLOAT64 / 60:.3g} min at {CPU_FLOPS_FLOAT64 / 1e9:.0f} GFLOP/s (a few CPU cores). A fit "
-        f"on fewer than {dim} images takes the N x N Gram route instead (seconds)."
+        f"{flops / CPU_EIGH_FLOPS / 60:.3g} min at {CPU_EIGH_FLOPS / 1e9:.0f} GFLOP/s (an eigendecomposition on a few "
+        f"CPU cores). A fit on fewer than {dim} images takes the N x N Gram route instead (seconds); "
+        "`device='cuda'` runs it on a GPU."
     )
 
 

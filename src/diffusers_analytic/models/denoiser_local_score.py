@@ -57,6 +57,10 @@ class LocalScoreDenoiser(PatchMachineMixin, ModelMixin, ConfigMixin):
             `"sample"` (x0).
     """
 
+    #: Window sums and per-pixel softmaxes over `[B, n, H, W]` maps stream memory: measured at 2-5% of the GEMM rate
+    #: on a CPU (its `estimated_flops` per second; benchmarks/README.md, the scale table).
+    gemm_rate_fraction = 0.03
+
     @register_to_config
     def __init__(
         self,

@@ -100,8 +100,8 @@ def _check_call_arguments(batch_size, num_inference_steps, eta, output_type) -> 
 def _warn_if_long(denoiser, batch_size: int, num_calls: int, guidance_scale) -> None:
     """
     Logs a warning with the estimated work and time before a run that would take long (`LONG_RUN_FLOPS`, about 10
-    minutes at 100 GFLOP/s), with the time it would take at two stated rates (`kernels.cost`): the float32 GEMM rate
-    of a few CPU cores and a data-center GPU's.
+    minutes at 100 GFLOP/s, scaled by the denoiser's `gemm_rate_fraction`), with the time it would take at two stated
+    rates (`kernels.cost`): the float32 GEMM rate of a few CPU cores and a data-center GPU's.
     """
     per_call = denoiser.estimated_flops(batch_size) if hasattr(denoiser, "estimated_flops") else None
     if per_call is None:
@@ -109,12 +109,13 @@ def _warn_if_long(denoiser, batch_size: int, num_calls: int, guidance_scale) -> 
     if guidance_scale is not None and guidance_scale not in (0, 1):
         per_call *= 2  # the unconditional and the class-conditional term
     total = per_call * num_calls
-    if total < LONG_RUN_FLOPS:
+    fraction = getattr(denoiser, "gemm_rate_fraction", 1.0)
+    if total / fraction < LONG_RUN_FLOPS:
         return
     logger.warning(
         f"This run needs about {total / 1e12:.3g} TFLOP ({num_calls} denoiser calls of {per_call / 1e9:.3g} GFLOP "
-        f"for {batch_size} images with {type(denoiser).__name__}): {time_at_stated_rates(total)}. Fewer images, "
-        "steps or stored images make it shorter."
+        f"for {batch_size} images with {type(denoiser).__name__}): {time_at_stated_rates(total, fraction)}. Fewer "
+        "images, steps or stored images make it shorter."
     )
 
 
