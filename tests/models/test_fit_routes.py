@@ -144,3 +144,25 @@ def test_a_long_fit_is_announced_before_its_float64_work(monkeypatch, caplog_war
     caplog_warnings.clear()
     da.WienerDenoiser.from_dataset(images[:50], show_progress=False, value_range=None)  # N < D: Gram route
     assert not caplog_warnings
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.02])
+def test_locality_mask_leaves_out_zero_gain_directions_exactly(threshold):
+    from diffusers_analytic.models.pca_mask import pca_locality_mask
+
+    images = low_rank_images(30, seed=7)  # rank 29 < D = 108: 79 zero eigenvalues and zero columns
+    fitted = da.PCALocalityDenoiser.from_dataset(images, show_progress=False, mask_threshold=threshold)
+    vectors, values = fitted.eigvecs.double(), fitted.eigvals.double()
+    assert int((values == 0).sum()) == 108 - 29
+    for t in (900, 300, 0):
+        a = float(fitted.alphas_cumprod[t])
+        gains = a * values / (a * values + 1 - a)
+        w = (vectors * gains) @ vectors.T  # the full product, zero columns included
+        diagonal = w.diagonal()
+        ratio = w / torch.where(diagonal.abs() < 1e-6, torch.ones_like(diagonal), diagonal)[:, None]  # (the guard)
+        expected = ratio.float() if threshold == 0 else ratio.abs() >= threshold * ratio.abs().max()
+        mask = pca_locality_mask(fitted.eigvecs, fitted.eigvals, a, threshold)
+        if threshold == 0:
+            torch.testing.assert_close(mask, expected, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(mask, expected), t

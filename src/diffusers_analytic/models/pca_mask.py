@@ -88,6 +88,9 @@ def pca_locality_mask(
     """
     eigvecs = eigvecs.to(torch.float64)
     gains = wiener_gains(eigvals, alpha_prod).to(eigvecs.device)  # g  [D]
+    used = gains != 0  # a direction with gain 0 adds nothing to W (a fit on N < D images has D - N + 1 of them)
+    if not bool(used.all()):
+        eigvecs, gains = eigvecs[:, used], gains[used]
     ratio = symmetric_product(eigvecs * gains, eigvecs)  # W = (U diag(g)) U^T  [D, D]
     diagonal = ratio.diagonal().clone()  # W_qq  [D]
     ratio /= torch.where(diagonal.abs() < diagonal_guard, torch.ones_like(diagonal), diagonal)[:, None]  # R
