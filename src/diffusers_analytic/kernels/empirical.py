@@ -26,7 +26,7 @@ import torch
 from . import empirical_cpu
 from .online_softmax import OnlineSoftmax
 from .schedule import MIN_BETA_PROD
-from .stored_images import ANY_CLASS, image_chunks, piece_size, storage_affine
+from .stored_images import image_chunks, other_class_mask, piece_size, storage_affine
 
 
 def logit_coefficients(
@@ -57,7 +57,7 @@ def _other_class(labels, class_labels, start: int, stop: int) -> torch.Tensor | 
     """`[B, n]`: True where image i (of start..stop) is not of row b's requested class; None without classes."""
     if class_labels is None:
         return None
-    return (labels[None, start:stop] != class_labels[:, None]) & (class_labels != ANY_CLASS)[:, None]
+    return other_class_mask(labels[None, start:stop], class_labels[:, None])
 
 
 def posterior_mean(

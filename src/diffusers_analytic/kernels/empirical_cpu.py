@@ -30,7 +30,7 @@ from collections.abc import Iterator
 import torch
 
 from .online_softmax import OnlineSoftmax, exp_weights_
-from .stored_images import ANY_CLASS, piece_size
+from .stored_images import other_class_mask, piece_size
 
 SMALL_BATCH = 32  # batches up to this many rows split the images into blocks, one per torch thread
 MIN_IMAGES_PER_BLOCK = 1024  # ... when every block gets at least this many images
@@ -76,8 +76,7 @@ class _Blocks:
         """`[G, B, n]`, True where image i's label differs from row b's requested class; None without classes."""
         if class_labels is None:
             return None
-        other = self.labels[:, None, start:stop] != class_labels[None, :, None]
-        return other & (class_labels != ANY_CLASS)[None, :, None]
+        return other_class_mask(self.labels[:, None, start:stop], class_labels[None, :, None])
 
     def logits(self, query, neg_c2, class_labels, start: int, stop: int) -> torch.Tensor:
         """logits_i = query . r_i - c2 ||y'_i||^2 for images start..stop of every block, `[G, B, n]` (-inf off-class)."""
@@ -105,8 +104,7 @@ def _one_piece_logits(query, neg_c2, images, sq_norms, labels, class_labels) -> 
     values = images.reshape(len(images), -1).to(torch.float32)  # r  [N, D]
     logits = torch.addmm(torch.outer(neg_c2, sq_norms), query, values.T)  # [B, N]
     if class_labels is not None:
-        other_class = (labels[None, :] != class_labels[:, None]) & (class_labels != ANY_CLASS)[:, None]
-        logits.masked_fill_(other_class, float("-inf"))
+        logits.masked_fill_(other_class_mask(labels[None, :], class_labels[:, None]), float("-inf"))
     return logits, values
 
 

@@ -29,6 +29,14 @@ MIN_PIECE_IMAGES = 128
 DECODED_COPY_BYTES = 1 << 21
 
 
+def other_class_mask(labels: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+    """
+    True where a stored image's label differs from its row's requested class, never for a row labelled `ANY_CLASS`;
+    `labels` and `class_labels` broadcast against each other (e.g. `[1, n]` stored labels against `[B, 1]` requests).
+    """
+    return (labels != class_labels) & (class_labels != ANY_CLASS)
+
+
 def collect_images(
     data,
     storage_dtype: str = "auto",
