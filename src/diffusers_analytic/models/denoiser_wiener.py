@@ -122,14 +122,10 @@ class WienerDenoiser(AnalyticDenoiserMixin, ModelMixin, ConfigMixin):
 
     def estimated_flops(self, batch_size: int) -> float:
         """Two GEMMs with the basis, `[B, D] x [D, r]` and back: 4 B D r (r: the eigenpairs a call uses)."""
-        operator = self.__dict__.get("_operator_cache")  # what the last call used (an estimate: no version check)
-        if operator is not None:
-            used = operator.eigvecs_t.shape[0]
-        elif float(self.eigval_floor) != 0.0:
-            used = self.eigvecs.shape[1]
-        else:
-            used = int((self.eigvals != 0).sum())
-        return 4.0 * batch_size * math.prod(self.sample_shape) * used
+        # The operator of the last call when there is one (no version check on this per-call path: an estimate),
+        # else built now; either way the count follows the operator's own rule for which directions it keeps.
+        operator = self.__dict__.get("_operator_cache") or self._operator()
+        return 4.0 * batch_size * math.prod(self.sample_shape) * operator.eigvecs_t.shape[0]
 
     def _apply(self, fn, *args, **kwargs):
         # `.to()`, `.cuda()`, `.half()` replace the buffers: drop the cached operator now, so that it does not keep
