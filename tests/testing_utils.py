@@ -1,5 +1,8 @@
 """Helpers shared by the tests (import as `from tests.testing_utils import ...`)."""
 
+import contextlib
+import logging
+
 import torch
 from diffusers import UNet2DModel
 
@@ -33,3 +36,17 @@ def tiny_unet(seed: int = 0) -> UNet2DModel:
         up_block_types=("UpBlock2D", "UpBlock2D"),
         norm_num_groups=4,
     )
+
+
+@contextlib.contextmanager
+def logged_warnings(logger_name: str):
+    """The `logging.LogRecord`s of warnings (and worse) logged to `logger_name` inside the block, as a list."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)

@@ -2,8 +2,6 @@
 and the N x N Gram matrix when fewer images than dimensions were kept. Each fit is checked against numpy's float64
 covariance of the same images, at every noise level."""
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -11,6 +9,7 @@ import torch
 import diffusers_analytic as da
 from diffusers_analytic.kernels import moments as moments_module
 from diffusers_analytic.kernels.moments import StreamingMoments, covariance_eigenbasis
+from tests.testing_utils import logged_warnings
 
 SHAPE = (3, 6, 6)  # D = 108
 
@@ -122,13 +121,8 @@ def test_pca_locality_fit_through_the_gram_route_matches_the_covariance_route():
 @pytest.fixture
 def caplog_warnings():
     """Warnings logged by `kernels.moments` during the test."""
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger(moments_module.__name__)
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
+    with logged_warnings(moments_module.__name__) as records:
+        yield records
 
 
 def test_a_long_fit_is_announced_before_its_float64_work(monkeypatch, caplog_warnings):
