@@ -19,9 +19,9 @@ mean call time over `--rounds` rounds of 50 calls and the ratio ours / reference
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import alternating_best
 
 import diffusers_analytic as da
 
@@ -48,20 +48,6 @@ def reference_optimal(index, data, x, a, k=2000):
 
 def reference_nearest(index, data, x, a):
     return reference_search(index, data, x, a, 1)[1][:, 0]
-
-
-def best_mean_call(functions: dict, rounds: int, calls: int = 50) -> dict:
-    """Best mean time of one call over `rounds` rounds of `calls` calls, the functions alternating in each round."""
-    best = dict.fromkeys(functions, float("inf"))
-    for fn in functions.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            best[name] = min(best[name], (time.perf_counter() - start) / calls)
-    return best
 
 
 def main() -> None:
@@ -112,7 +98,7 @@ def main() -> None:
             )
         for name, ours, reference in cases:
             difference = (ours().reshape(batch_size, -1) - reference().reshape(batch_size, -1)).abs().max()
-            best = best_mean_call({"ours": ours, "reference": reference}, args.rounds)
+            best = alternating_best({"ours": ours, "reference": reference}, args.rounds, calls=50)
             print(
                 f"| {name} | {batch_size} | {best['ours'] * 1e6:.0f} | {best['reference'] * 1e6:.0f} | "
                 f"{best['ours'] / best['reference']:.2f} | {float(difference):.1e} |",

@@ -22,9 +22,9 @@ what to compare.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import alternating_best
 
 import diffusers_analytic as da
 
@@ -36,19 +36,6 @@ def copy_and_gemm_timers(mib: int = 256, size: int = 2048):
     a, b = torch.rand(size, size), torch.rand(size, size)
     copy_bytes = 2 * source.numel() * 4  # read + written
     return (lambda: target.copy_(source)), copy_bytes, (lambda: a @ b), 2 * size**3
-
-
-def interleaved_best(functions: dict, rounds: int) -> dict:
-    """Best time of each function over `rounds` rounds, the functions alternating within each round."""
-    best = dict.fromkeys(functions, float("inf"))
-    for fn in functions.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def noisy(images: torch.Tensor, batch_size: int, alpha: float) -> torch.Tensor:
@@ -78,7 +65,7 @@ def main() -> None:
             ("wiener", wiener, 4 * dim * dim, 4 * batch_size * dim * dim),
             ("optimal uint8", optimal, count * dim, 4 * batch_size * count * dim),
         ):
-            best = interleaved_best(
+            best = alternating_best(
                 {"call": lambda m=model, x=x: m.denoise(x, 500), "copy": copy, "gemm": gemm}, args.repeats
             )
             bandwidth, rate = copy_bytes / best["copy"], gemm_flops / best["gemm"]
