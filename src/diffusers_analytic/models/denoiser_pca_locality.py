@@ -276,7 +276,7 @@ class PCALocalityDenoiser(StoredImagesMixin, ModelMixin, ConfigMixin):
         #    values y_i[p]. "dense": one GEMM  [B n, D] x [D, D]  for all pixels. "sparse": CSR M^T  [D, D]  times
         #    z^T  [D, B n]. "complement" (nearly full masks): sum_q z[b, i, q] (the full distance's logit, a row sum)
         #    minus CSR (1 - M)^T times z^T.
-        if mask.dense or mask.path in ("sparse", "complement"):
+        if mask.path in ("dense", "sparse", "complement"):
             dim = x_t.shape[1]
             weights = mask.mask.to(torch.float32) if mask.dense else None  # M  [D, D] (rebuilt per call: 4 D^2 bytes)
             softmax = OnlineSoftmax()

@@ -203,10 +203,14 @@ class LocalityMask:
     mask: torch.Tensor  # [D, D] bool (binarised) or float32 (soft R)
     tiles: list  # [(p_idx [P], q_idx [K] or None, complement)]: see `locality_tiles`
     nonzero_fraction: float  # share of non-zero mask entries
-    all_ones: bool  # the mask is all ones: the optimal denoiser
     path: str = "dense"  # "ones", "dense", "sparse", "complement" or "tiles": how the distances are evaluated
     sparse: torch.Tensor | None = None  # "sparse": CSR M^T; "complement": CSR (1 - M)^T; float32 [D, D]
     costs: dict = field(default_factory=dict)  # the cost model's estimate per candidate path (see above)
+
+    @property
+    def all_ones(self) -> bool:
+        """The mask is all ones: the optimal denoiser."""
+        return self.path == "ones"
 
     @property
     def dense(self) -> bool:
@@ -238,10 +242,10 @@ def prepare_locality_mask(
     dim = mask.shape[0]
     if mask.dtype != torch.bool:
         tiles = locality_tiles(mask, sample_shape, batch_size=batch_size, **tiling)
-        return LocalityMask(mask, tiles, float((mask != 0).sum()) / mask.numel(), False)
+        return LocalityMask(mask, tiles, float((mask != 0).sum()) / mask.numel())
     nonzero = int(mask.sum())
     if nonzero == mask.numel():
-        return LocalityMask(mask, [], 1.0, True, path="ones")
+        return LocalityMask(mask, [], 1.0, path="ones")
 
     costs = {"dense": float(batch_size * dim * dim)} if "dense" in paths else {}
     efficiency = SPARSE_PRODUCT_EFFICIENCY.get(mask.device.type)
@@ -258,4 +262,4 @@ def prepare_locality_mask(
     if path in ("sparse", "complement"):
         support = mask if path == "sparse" else ~mask
         sparse = support.T.to(torch.float32).to_sparse_csr()  # rows: output pixels p, columns: inputs q
-    return LocalityMask(mask, tiles, nonzero / mask.numel(), False, path=path, sparse=sparse, costs=costs)
+    return LocalityMask(mask, tiles, nonzero / mask.numel(), path=path, sparse=sparse, costs=costs)
