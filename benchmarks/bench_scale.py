@@ -52,11 +52,10 @@ import time
 from datetime import datetime, timezone
 
 import torch
-from run_benchmarks import RESULTS_DIR, PeakMemory, machine_description
+from run_benchmarks import RESULTS_DIR, PeakMemory, machine_description, noisy_batch
 
 from diffusers_analytic import AnalyticDDIMPipeline, load_builtin
-from diffusers_analytic.data import to_model_space
-from diffusers_analytic.kernels.cost import GPU_FLOPS
+from diffusers_analytic.kernels.cost import GPU_FLOPS, eigh_flops
 from diffusers_analytic.kernels.moments import symmetric_eigh
 from diffusers_analytic.pipelines.pipeline_analytic_ddim import scheduler_from_denoiser
 from diffusers_analytic.registry import DENOISERS
@@ -95,7 +94,7 @@ def measure_rates(gemm_size: int = 2048, eigh_size: int = 2048) -> dict:
         rates[name] = 2.0 * gemm_size**3 / best_seconds(lambda a=a, b=b: a @ b)
     x = torch.randn(eigh_size, eigh_size, dtype=torch.float64)
     covariance = x @ x.T / eigh_size
-    rates["eigh_float64"] = 9.0 * eigh_size**3 / best_seconds(lambda: symmetric_eigh(covariance), max_repeats=2)
+    rates["eigh_float64"] = eigh_flops(eigh_size) / best_seconds(lambda: symmetric_eigh(covariance), max_repeats=2)
     return rates
 
 
@@ -110,7 +109,7 @@ def fit_estimate(method: str, num_images: int, dim: int, rates: dict) -> dict | 
     """2 N D^2 float64 flops for the covariance and 9 D^3 for its `eigh`; None for a fit that stores the images."""
     if method not in COVARIANCE_METHODS:
         return None
-    covariance, eigh = 2.0 * num_images * dim**2, 9.0 * dim**3
+    covariance, eigh = 2.0 * num_images * dim**2, eigh_flops(dim)
     result = estimate(covariance + eigh, rates["gemm_float64"])  # all at the float64 GEMM rate
     result["seconds"] = covariance / rates["gemm_float64"] + eigh / rates["eigh_float64"]  # what decides
     result["how"] = "covariance at the float64 GEMM rate + eigh at the measured eigh rate"
@@ -191,15 +190,6 @@ def warnings_before_start(denoiser) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the work
-def noisy_batch(images: torch.Tensor, denoiser, batch_size: int, timestep: int) -> torch.Tensor:
-    """x_t = sqrt(a) y + sqrt(1 - a) eps for training images y."""
-    generator = torch.Generator().manual_seed(0)
-    index = torch.randint(len(images), (batch_size,), generator=generator)
-    a = float(denoiser.alphas_cumprod[timestep])
-    y = to_model_space(images[index])
-    return a**0.5 * y + (1 - a) ** 0.5 * torch.randn(y.shape, generator=generator)
-
-
 def peak_mb(memory: PeakMemory) -> tuple[float, float]:
     """`(highest resident set of the process, its growth above the start)` in MB during a `PeakMemory` block."""
     return (memory._start + memory.peak_bytes) / 2**20, memory.peak_bytes / 2**20
@@ -229,7 +219,7 @@ def call_estimate(method: str, denoiser, images: torch.Tensor, rates: dict, budg
         return result
     subset = images[:num_probe]
     probe = fit(method, subset)[0]
-    x_t = noisy_batch(subset, probe, CALL_BATCH, CALL_TIMESTEP)
+    x_t = noisy_batch(subset, probe, CALL_BATCH, CALL_TIMESTEP, torch.Generator().manual_seed(0))
     probe.denoise(x_t[:1], CALL_TIMESTEP)  # warm-up, as before the timed call: caches that do not grow with N
     start = time.perf_counter()
     probe.denoise(x_t, CALL_TIMESTEP)
@@ -241,7 +231,7 @@ def call_estimate(method: str, denoiser, images: torch.Tensor, rates: dict, budg
 
 
 def time_call(denoiser, images: torch.Tensor) -> tuple[float, float]:
-    x_t = noisy_batch(images, denoiser, CALL_BATCH, CALL_TIMESTEP)
+    x_t = noisy_batch(images, denoiser, CALL_BATCH, CALL_TIMESTEP, torch.Generator().manual_seed(0))
     denoiser.denoise(x_t[:1], CALL_TIMESTEP)  # warm-up: one-off caches (operators, masks, patch positions)
     with PeakMemory(torch.device("cpu")) as memory:
         start = time.perf_counter()
